@@ -1,0 +1,37 @@
+//! Shared helpers for the benchmark binaries (`src/bin/*`) and criterion benches (`benches/`).
+//!
+//! - `throughput`: batched inference items/s at 64 and 128 tokens over batch sizes, as a
+//!   fraction of the fp32 matmul peak measured in the same run, side by side with the Python
+//!   TorchScript peer (`python/torchscript_peer.py`) run in the same process tree.
+//! - `accuracy`: zero-shot accuracy on BBC News (full text and titles only) per configuration.
+//! - `benches/batcher.rs` (criterion): batcher overhead with a fake model.
+
+use std::time::Instant;
+
+/// Analytic FLOPs of one BERT encoder pass over `seq_len` tokens: per layer
+/// `2L(4h² + 2hi)` for the linears plus `4L²h` for the attention matmuls (embeddings,
+/// norms, softmax, GELU and pooling ignored). Same formula as the Python peer.
+pub fn bert_flop_per_item(seq_len: usize, h: usize, i: usize, layers: usize) -> f64 {
+    let l = seq_len as f64;
+    let (h, i) = (h as f64, i as f64);
+    layers as f64 * (2.0 * l * (4.0 * h * h + 2.0 * h * i) + 4.0 * l * l * h)
+}
+
+/// fp32 GFLOP/s of repeated 2048² matmuls through libtorch (best of rounds within `seconds`).
+pub fn matmul_peak_gflops(seconds: f64) -> f64 {
+    let n = 2048i64;
+    let a = tch::Tensor::randn([n, n], (tch::Kind::Float, tch::Device::Cpu));
+    let b = tch::Tensor::randn([n, n], (tch::Kind::Float, tch::Device::Cpu));
+    for _ in 0..2 {
+        let _ = a.mm(&b);
+    }
+    let flop = 2.0 * (n as f64).powi(3);
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(seconds);
+    let mut best = 0f64;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let _ = a.mm(&b);
+        best = best.max(flop / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}

@@ -1,0 +1,428 @@
+//! Subcommand implementations: thin glue over the libraries.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTagged};
+use streamoasis_pipeline::kafka::{client_config, producer, run as run_processor, wait_for_broker, RunnerConfig};
+use streamoasis_pipeline::topology::Topology;
+use streamoasis_pipeline::{admin, telemetry, CancellationToken};
+use streamoasis_sink::{SinkConfig, SinkProcessor, TagWriter};
+use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig, TaggerProcessor};
+
+use crate::cli::{Cli, Command, Common, DbAction, ProduceArgs, RunArgs, TagArgs, TailArgs, TopologyAction};
+
+/// Dispatch a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let c = &cli.common;
+    match cli.command {
+        Command::Tagger(a) => tagger(c, a).await,
+        Command::Sink(a) => sink(c, a).await,
+        Command::Topology { action: TopologyAction::Apply { no_db } } => apply(c, no_db).await,
+        Command::Topology { action: TopologyAction::Check } => check(c),
+        Command::Produce(a) => produce(c, a).await,
+        Command::Tail(a) => tail(c, a).await,
+        Command::Tag(a) => tag(c, a).await,
+        Command::Db { action } => db(c, action).await,
+    }
+}
+
+fn load(c: &Common) -> anyhow::Result<Topology> {
+    Ok(Topology::load(&c.topology)?)
+}
+
+/// Cancelled on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("signal received: stopping");
+        t.cancel();
+    });
+    token
+}
+
+fn start_metrics(a: &RunArgs) {
+    if let Some(addr) = a.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve_metrics(addr).await {
+                tracing::error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+}
+
+async fn tagger(c: &Common, a: RunArgs) -> anyhow::Result<()> {
+    let _guard = telemetry::init("streamoasis-tagger");
+    let topo = load(c)?;
+    let cfg = TaggerConfig::from_topology(&topo)?;
+    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    let codec = Arc::new(Codec::new(&c.registry)?);
+    start_metrics(&a);
+    let started = Instant::now();
+    let tagger = Arc::new(Tagger::load(cfg).await?);
+    tracing::info!(model = %tagger.model_ref().name, strategy = ?tagger.strategy(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    let runner = RunnerConfig { brokers: c.kafka.clone(), spec: topo.file.processors.tagger.clone(), client: topo.file.kafka.client.clone() };
+    run_processor(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn sink(c: &Common, a: RunArgs) -> anyhow::Result<()> {
+    let _guard = telemetry::init("streamoasis-sink");
+    let topo = load(c)?;
+    let cfg = SinkConfig::from_topology(&topo)?;
+    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    let codec = Arc::new(Codec::new(&c.registry)?);
+    start_metrics(&a);
+    let session = Arc::new(streamoasis_sink::connect(&c.scylla, &cfg).await?);
+    let writer = Arc::new(TagWriter::new(session, &cfg).await?);
+    let runner = RunnerConfig { brokers: c.kafka.clone(), spec: topo.file.processors.sink.clone(), client: topo.file.kafka.client.clone() };
+    run_processor(runner, codec, Arc::new(SinkProcessor::new(writer)), shutdown_on_signal()).await?;
+    Ok(())
+}
+
+fn check(c: &Common) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    TaggerConfig::from_topology(&topo)?;
+    SinkConfig::from_topology(&topo)?;
+    println!("{}: ok ({} topics, {} schemas)", c.topology.display(), topo.file.topics.len(), topo.file.schemas.len());
+    Ok(())
+}
+
+async fn apply(c: &Common, no_db: bool) -> anyhow::Result<()> {
+    let _guard = telemetry::init("streamoasis");
+    let topo = load(c)?;
+    let sink_cfg = SinkConfig::from_topology(&topo)?;
+    TaggerConfig::from_topology(&topo)?;
+    for ch in admin::apply_topics(&c.kafka, &topo).await? {
+        println!("{ch}");
+    }
+    let codec = Codec::new(&c.registry)?;
+    for ch in admin::apply_schemas(&codec, &topo).await.with_context(|| format!("registering schemas at {}", c.registry))? {
+        println!("{ch}");
+    }
+    if !no_db {
+        let session = streamoasis_sink::connect(&c.scylla, &sink_cfg).await?;
+        streamoasis_sink::schema::apply(&session, &sink_cfg).await.context("creating keyspace and tables")?;
+        println!("ensured   keyspace {} (tables media_tags, media_by_tag)", sink_cfg.keyspace);
+    }
+    Ok(())
+}
+
+/// A line of input for `produce`: a MediaIngested in JSON, or a sample record.
+#[derive(Debug, Deserialize)]
+struct InputLine {
+    #[serde(alias = "id")]
+    media_id: String,
+    #[serde(default)]
+    kind: Option<MediaKind>,
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default, alias = "text")]
+    transcript: Option<String>,
+    #[serde(default)]
+    language: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    ingested_at: Option<i64>,
+    #[serde(default)]
+    attributes: HashMap<String, String>,
+    #[serde(default)]
+    candidate_labels: Option<Vec<String>>,
+    #[serde(default)]
+    label: Option<String>,
+}
+
+impl InputLine {
+    fn into_event(self, source: &str) -> MediaIngested {
+        let mut attributes = self.attributes;
+        if let Some(l) = self.label {
+            attributes.insert("label".into(), l);
+        }
+        MediaIngested {
+            media_id: self.media_id,
+            kind: self.kind.unwrap_or(MediaKind::Article),
+            title: self.title,
+            description: self.description,
+            transcript: self.transcript,
+            language: self.language,
+            source: self.source.unwrap_or_else(|| source.to_string()),
+            ingested_at: self.ingested_at.unwrap_or_else(now_millis),
+            attributes,
+            candidate_labels: self.candidate_labels,
+        }
+    }
+}
+
+fn open_lines(path: &std::path::Path) -> anyhow::Result<Box<dyn BufRead>> {
+    if path.as_os_str() == "-" {
+        Ok(Box::new(std::io::BufReader::new(std::io::stdin())))
+    } else {
+        let f = std::fs::File::open(path).with_context(|| format!("cannot open {} (the demo data is written by scripts/setup)", path.display()))?;
+        Ok(Box::new(std::io::BufReader::new(f)))
+    }
+}
+
+async fn produce(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    let topic = a.topic.clone().unwrap_or_else(|| topo.file.processors.tagger.input.clone());
+    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    let codec = Codec::new(&c.registry)?;
+    let producer = producer(&c.kafka, &topo.file.kafka.client)?;
+    let lines: Vec<String> = open_lines(&a.file)?.lines().take(a.limit.unwrap_or(usize::MAX)).collect::<Result<_, _>>()?;
+    let bar = if a.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(lines.len() as u64) };
+    bar.set_style(indicatif::ProgressStyle::with_template("produce {bar:30} {pos}/{len} {per_sec} eta {eta}").unwrap());
+    let started = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    let mut sent = 0usize;
+    for (n, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: InputLine = serde_json::from_str(line).with_context(|| format!("{} line {}: not a media item", a.file.display(), n + 1))?;
+        let event = item.into_event(&a.source);
+        if a.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / a.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let payload = codec.encode(&topic, &event).await?;
+        let key = event.media_id.clone();
+        let producer = &producer;
+        let topic = &topic;
+        pending.push(async move { producer.send(FutureRecord::to(topic).key(&key).payload(&payload), Duration::from_secs(30)).await.map_err(|(e, _)| e) });
+        sent += 1;
+        while pending.len() >= 1000 {
+            pending.next().await.transpose()?;
+            bar.inc(1);
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    eprintln!("produced {sent} items to {topic} in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+struct Truth {
+    #[serde(alias = "media_id")]
+    id: String,
+    label: String,
+}
+
+async fn tail(c: &Common, a: TailArgs) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    let t = &topo.file.processors;
+    let topic = a.topic.clone().unwrap_or_else(|| t.tagger.output.clone().unwrap_or_default());
+    let truth: HashMap<String, String> = match &a.truth {
+        Some(p) => open_lines(p)?
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Truth>(&l).ok())
+            .map(|t| (t.id, t.label))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let codec = Codec::new(&c.registry)?;
+    let mut cc = client_config(&c.kafka, &topo.file.kafka.client);
+    cc.set("group.id", format!("streamoasis-tail-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", if a.from_beginning { "earliest" } else { "latest" });
+    let consumer: StreamConsumer = cc.create()?;
+    // Assign every partition explicitly, at the beginning or at "now": records produced after
+    // this point are never missed, however long a group join would have taken.
+    let md = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .with_context(|| format!("Kafka at {} did not answer; is the stack up?", c.kafka))?;
+    let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    anyhow::ensure!(!parts.is_empty(), "topic {topic} does not exist (run `streamoasis topology apply`)");
+    let mut tpl = TopicPartitionList::new();
+    let now = now_millis();
+    for p in &parts {
+        tpl.add_partition_offset(&topic, *p, if a.from_beginning { Offset::Beginning } else { Offset::Offset(now) })?;
+    }
+    let tpl = if a.from_beginning { tpl } else { consumer.offsets_for_times(tpl, Duration::from_secs(10))? };
+    consumer.assign(&tpl)?;
+    let stop = shutdown_on_signal();
+    let is_dlq = topic == t.tagger.dlq || topic == t.sink.dlq;
+    let is_ingest = topic == t.tagger.input;
+    let mut stats = Summary::default();
+    let started = Instant::now();
+    loop {
+        if a.count.is_some_and(|n| stats.items >= n) {
+            break;
+        }
+        let idle = a.idle_timeout.unwrap_or(Duration::from_secs(86_400 * 365));
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = tokio::time::timeout(idle, consumer.recv()) => match r {
+                Err(_) => { eprintln!("no record for {}; stopping", humantime::format_duration(idle)); break; }
+                Ok(m) => m?,
+            },
+        };
+        stats.items += 1;
+        if is_dlq {
+            let mut headers = serde_json::Map::new();
+            if let Some(h) = msg.headers() {
+                for hd in h.iter() {
+                    headers.insert(hd.key.to_string(), serde_json::Value::String(String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned()));
+                }
+            }
+            println!("{}", serde_json::json!({"offset": msg.offset(), "partition": msg.partition(), "bytes": msg.payload().map_or(0, |p| p.len()), "headers": headers}));
+            continue;
+        }
+        if is_ingest {
+            let d = codec.decode::<MediaIngested>(msg.payload()).await?;
+            if !a.quiet {
+                println!("{}", serde_json::to_string(&d.event)?);
+            }
+            continue;
+        }
+        let e = codec.decode::<MediaTagged>(msg.payload()).await?.event;
+        stats.observe(&e, truth.get(&e.media_id));
+        if a.quiet {
+            continue;
+        }
+        if a.json {
+            println!("{}", serde_json::to_string(&e)?);
+        } else {
+            let tags: Vec<String> = e.tags.iter().map(|t| format!("{} {:.2}", t.label, t.score)).collect();
+            let mark = match truth.get(&e.media_id) {
+                Some(l) if e.tags.first().is_some_and(|t| &t.label == l) => " ✓",
+                Some(_) => " ✗",
+                None => "",
+            };
+            println!("{:<28} {}{}", e.media_id, if tags.is_empty() { e.no_tags_reason.clone().unwrap_or_default() } else { tags.join(", ") }, mark);
+        }
+    }
+    if a.summary {
+        stats.print(started.elapsed());
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Summary {
+    items: usize,
+    tags: usize,
+    judged: usize,
+    correct: usize,
+    latency: Option<hdrhistogram::Histogram<u64>>,
+    first_ingest: Option<i64>,
+    last_seen: i64,
+}
+
+impl Summary {
+    fn observe(&mut self, e: &MediaTagged, truth: Option<&String>) {
+        self.tags += e.tags.len();
+        if let Some(l) = truth {
+            self.judged += 1;
+            if e.tags.first().is_some_and(|t| &t.label == l) {
+                self.correct += 1;
+            }
+        }
+        let now = now_millis();
+        let h = self.latency.get_or_insert_with(|| hdrhistogram::Histogram::new(3).unwrap());
+        let _ = h.record((now - e.ingested_at).max(0) as u64);
+        self.first_ingest = Some(self.first_ingest.map_or(e.ingested_at, |f| f.min(e.ingested_at)));
+        self.last_seen = now;
+    }
+
+    fn print(&self, elapsed: Duration) {
+        println!("──── summary ────");
+        println!("items            {}", self.items);
+        if self.items > 0 {
+            println!("tags per item    {:.2}", self.tags as f64 / self.items as f64);
+        }
+        if self.judged > 0 {
+            println!("top-1 accuracy   {:.1}% ({} / {} with known labels)", 100.0 * self.correct as f64 / self.judged as f64, self.correct, self.judged);
+        }
+        if let (Some(h), Some(first)) = (&self.latency, self.first_ingest) {
+            let span = (self.last_seen - first).max(1) as f64 / 1000.0;
+            println!("throughput       {:.1} items/s (first ingest → last tagged event, {:.1}s)", self.items as f64 / span, span);
+            println!("e2e latency      p50 {} ms, p99 {} ms, max {} ms (ingested_at → received here)", h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max());
+        }
+        println!("tail ran         {:.1}s", elapsed.as_secs_f64());
+    }
+}
+
+async fn tag(c: &Common, a: TagArgs) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    let cfg = TaggerConfig::from_topology(&topo)?;
+    let tagger = Tagger::load(cfg).await?;
+    let texts: Vec<String> = match (&a.text, a.lines) {
+        (Some(t), _) => vec![t.clone()],
+        (None, true) => std::io::stdin().lock().lines().collect::<Result<_, _>>()?,
+        (None, false) => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            vec![s]
+        }
+    };
+    let tagger = &tagger;
+    let labels = &a.labels;
+    let results = futures::future::join_all(texts.iter().map(|t| async move {
+        let req = TagRequest { title: t.clone(), candidate_labels: labels.clone(), ..Default::default() };
+        tagger.tag(&req).await
+    }))
+    .await;
+    for (t, r) in texts.iter().zip(results) {
+        let r = r?;
+        let preview: String = t.chars().take(60).collect();
+        let tags: Vec<String> = r.tags.iter().map(|t| format!("{} {:.3}", t.label, t.score)).collect();
+        println!("{preview:<60}  {}", if tags.is_empty() { r.no_tags_reason.unwrap_or_default() } else { tags.join(", ") });
+    }
+    Ok(())
+}
+
+async fn db(c: &Common, action: DbAction) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    let cfg = SinkConfig::from_topology(&topo)?;
+    let session = streamoasis_sink::connect(&c.scylla, &cfg).await?;
+    let ks = &cfg.keyspace;
+    match action {
+        DbAction::Stats => {
+            let n = streamoasis_sink::count_rows(&session, &format!("SELECT COUNT(*) FROM {ks}.media_tags")).await?;
+            println!("media_tags       {n} rows");
+            if let Ok(tc) = TaggerConfig::from_topology(&topo) {
+                for l in &tc.labels {
+                    let q = format!("SELECT COUNT(*) FROM {ks}.media_by_tag WHERE tag = '{}'", l.name.replace('\'', "''"));
+                    println!("media_by_tag     {:<14} {} rows", l.name, streamoasis_sink::count_rows(&session, &q).await?);
+                }
+            }
+        }
+        DbAction::Get { media_id } => match streamoasis_sink::get_tags(&session, ks, &media_id).await? {
+            Some(tags) => println!("{media_id}: {}", tags.iter().map(|(l, s)| format!("{l} {s:.3}")).collect::<Vec<_>>().join(", ")),
+            None => println!("{media_id}: not found"),
+        },
+        DbAction::ByTag { tag, limit } => {
+            for (id, score) in streamoasis_sink::by_tag(&session, ks, &tag, limit).await? {
+                println!("{score:.3}  {id}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! End to end on the real local stack (Kafka, schema registry, CQL database): the tagger and
+//! sink processors run in-process exactly as `streamoasis tagger|sink` runs them. Every test
+//! uses its own topics, consumer groups, subjects and keyspace.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::events::{MediaIngested, MediaKind, MediaTagged};
+use streamoasis_pipeline::kafka::{client_config, producer, run, RunSummary, RunnerConfig};
+use streamoasis_pipeline::topology::Topology;
+use streamoasis_pipeline::{admin, env, CancellationToken};
+use streamoasis_sink::{schema, SinkConfig, SinkProcessor, TagWriter};
+use streamoasis_tagger::processor::request_of;
+use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
+use tokio::task::JoinHandle;
+
+struct Env {
+    topo: Topology,
+    codec: Arc<Codec>,
+    kafka: String,
+    input: String,
+    output: String,
+    dlq: String,
+}
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The project topology with unique topic, group and keyspace names.
+async fn env(partitions: i32) -> Env {
+    let mut topo = Topology::load(root().join("topology.yaml")).unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let rename: HashMap<String, String> = topo.file.topics.iter().map(|t| (t.name.clone(), format!("{}-{id}", t.name))).collect();
+    for t in &mut topo.file.topics {
+        t.name = rename[&t.name].clone();
+        t.partitions = partitions;
+    }
+    for s in &mut topo.file.schemas {
+        let topic = s.subject.trim_end_matches("-value");
+        s.subject = format!("{}-value", rename[topic]);
+    }
+    let p = &mut topo.file.processors;
+    for spec in [&mut p.tagger, &mut p.sink] {
+        spec.input = rename[&spec.input].clone();
+        spec.output = spec.output.as_ref().map(|o| rename[o].clone());
+        spec.dlq = rename[&spec.dlq].clone();
+        spec.group = format!("{}-{id}", spec.group);
+        spec.drain_timeout = Duration::from_secs(20);
+    }
+    if let serde_yaml::Value::Mapping(m) = &mut topo.file.scylla {
+        m.insert("keyspace".into(), format!("e2e_{id}").into());
+        m.insert("consistency".into(), "ONE".into());
+    }
+    let model = root().join("models/all-MiniLM-L6-v2");
+    if let serde_yaml::Value::Mapping(m) = &mut topo.file.tagging {
+        if let Some(serde_yaml::Value::Mapping(model_map)) = m.get_mut("model") {
+            model_map.insert("path".into(), model.display().to_string().into());
+        }
+    }
+    let kafka = env::get(env::KAFKA_BOOTSTRAP, env::DEFAULT_KAFKA);
+    let codec = Arc::new(Codec::new(&env::get(env::SCHEMA_REGISTRY_URL, env::DEFAULT_REGISTRY)).unwrap());
+    admin::apply_topics(&kafka, &topo).await.expect("topics (is `scripts/stack up` running?)");
+    admin::apply_schemas(&codec, &topo).await.expect("schemas");
+    let p = &topo.file.processors.tagger;
+    Env { input: p.input.clone(), output: p.output.clone().unwrap(), dlq: p.dlq.clone(), topo, codec, kafka }
+}
+
+impl Env {
+    fn runner(&self, sink: bool) -> RunnerConfig {
+        let spec = if sink { &self.topo.file.processors.sink } else { &self.topo.file.processors.tagger };
+        RunnerConfig { brokers: self.kafka.clone(), spec: spec.clone(), client: BTreeMap::new() }
+    }
+
+    async fn tagger(&self) -> Arc<Tagger> {
+        let cfg = TaggerConfig::from_topology(&self.topo).unwrap();
+        Arc::new(Tagger::load(cfg).await.unwrap())
+    }
+
+    fn start_tagger(&self, tagger: Arc<Tagger>) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
+        let stop = CancellationToken::new();
+        let h = tokio::spawn(run(self.runner(false), self.codec.clone(), Arc::new(TaggerProcessor::new(tagger)), stop.clone()));
+        (stop, h)
+    }
+
+    fn sink_config(&self) -> SinkConfig {
+        SinkConfig::from_topology(&self.topo).unwrap()
+    }
+
+    async fn start_sink(&self, session: scylla::client::session::Session) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
+        let cfg = self.sink_config();
+        schema::apply(&session, &cfg).await.unwrap();
+        let writer = Arc::new(TagWriter::new(Arc::new(session), &cfg).await.unwrap());
+        let stop = CancellationToken::new();
+        let h = tokio::spawn(run(self.runner(true), self.codec.clone(), Arc::new(SinkProcessor::new(writer)), stop.clone()));
+        (stop, h)
+    }
+
+    fn producer(&self) -> FutureProducer {
+        producer(&self.kafka, &BTreeMap::new()).unwrap()
+    }
+
+    async fn send_raw(&self, p: &FutureProducer, key: &str, payload: Option<&[u8]>) {
+        let mut rec = FutureRecord::to(&self.input).key(key);
+        if let Some(b) = payload {
+            rec = rec.payload(b);
+        }
+        p.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+
+    async fn send(&self, p: &FutureProducer, item: &MediaIngested) {
+        let bytes = self.codec.encode(&self.input, item).await.unwrap();
+        self.send_raw(p, &item.media_id, Some(&bytes)).await;
+    }
+
+    fn consumer(&self, topic: &str) -> StreamConsumer {
+        let mut cc = client_config(&self.kafka, &BTreeMap::new());
+        cc.set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4().simple())).set("auto.offset.reset", "earliest");
+        let c: StreamConsumer = cc.create().unwrap();
+        c.subscribe(&[topic]).unwrap();
+        c
+    }
+
+    /// Read tagged events until `want` distinct media ids were seen (or the timeout).
+    async fn collect_tagged(&self, c: &StreamConsumer, want: usize, timeout: Duration) -> (HashMap<String, MediaTagged>, usize) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = HashMap::new();
+        let mut total = 0;
+        while seen.len() < want && Instant::now() < deadline {
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
+                let e = self.codec.decode::<MediaTagged>(m.payload()).await.unwrap().event;
+                assert_eq!(m.key(), Some(e.media_id.as_bytes()), "output keyed by media_id");
+                total += 1;
+                seen.insert(e.media_id.clone(), e);
+            }
+        }
+        (seen, total)
+    }
+}
+
+const SUBJECTS: [(&str, &str); 5] = [
+    ("business", "The company reported record quarterly profits and its shares rose on the stock market"),
+    ("sport", "The striker scored twice as the team won the championship final in extra time"),
+    ("politics", "The prime minister faced questions in parliament over the election campaign"),
+    ("tech", "The new smartphone software update improves battery life and internet browsing"),
+    ("entertainment", "The actor won an award for the film at the festival, and the album topped the charts"),
+];
+
+fn item(i: usize) -> MediaIngested {
+    let (_, text) = SUBJECTS[i % SUBJECTS.len()];
+    MediaIngested {
+        media_id: format!("item-{i:05}"),
+        kind: MediaKind::Clip,
+        title: format!("{text} (part {i})"),
+        description: (i % 3 == 0).then(|| format!("Episode {i} of the series.")),
+        transcript: None,
+        language: Some("en".into()),
+        source: "e2e-test".into(),
+        ingested_at: streamoasis_pipeline::events::now_millis(),
+        attributes: Default::default(),
+        candidate_labels: None,
+    }
+}
+
+async fn cql() -> scylla::client::session::Session {
+    let uri = env::get(env::SCYLLA_URI, env::DEFAULT_SCYLLA);
+    scylla::client::session_builder::SessionBuilder::new().known_node(&uri).build().await.expect("CQL database (is `scripts/stack up` running?)")
+}
+
+async fn count(session: &scylla::client::session::Session, ks: &str) -> i64 {
+    streamoasis_sink::count_rows(session, &format!("SELECT COUNT(*) FROM {ks}.media_tags")).await.unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
+    let env = env(3).await;
+    let tagger = env.tagger().await;
+    let (stop_t, tagger_task) = env.start_tagger(tagger.clone());
+    let (stop_s, sink_task) = env.start_sink(cql().await).await;
+    let items: Vec<MediaIngested> = (0..1000).map(item).collect();
+    let p = env.producer();
+    futures::future::join_all(items.iter().map(|i| env.send(&p, i))).await;
+
+    let out = env.consumer(&env.output);
+    let (seen, _) = env.collect_tagged(&out, 1000, Duration::from_secs(240)).await;
+    assert_eq!(seen.len(), 1000, "every item tagged");
+
+    // Tags match the tagger core's output for the same texts (batching may change the last
+    // float bits through padding, hence the tolerance).
+    for it in items.iter().step_by(7) {
+        let want = tagger.tag(&request_of(it)).await.unwrap();
+        let got = &seen[&it.media_id];
+        assert_eq!(got.tags.len(), want.tags.len());
+        assert_eq!(got.tags[0].label, want.tags[0].label, "{}", it.media_id);
+        for (g, w) in got.tags.iter().zip(&want.tags) {
+            let ws = want.tags.iter().find(|t| t.label == g.label).map(|t| t.score).unwrap_or(w.score);
+            assert!((g.score - ws).abs() < 1e-3, "{}: {} {} vs {}", it.media_id, g.label, g.score, ws);
+        }
+        assert_eq!(got.lineage.topic, env.input);
+    }
+
+    let ks = env.sink_config().keyspace;
+    let session = cql().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(&session, &ks).await < 1000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count(&session, &ks).await, 1000, "a row per item in media_tags");
+    stop_t.cancel();
+    stop_s.cancel();
+    let t = tagger_task.await.unwrap().unwrap();
+    let s = sink_task.await.unwrap().unwrap();
+    assert_eq!(t.dead_lettered, 0);
+    assert!(t.processed >= 1000 && s.processed >= 1000, "tagger {t:?} sink {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_go_to_the_dlq_with_headers_and_the_partition_goes_on() {
+    let env = env(1).await;
+    let (stop, task) = env.start_tagger(env.tagger().await);
+    let p = env.producer();
+
+    // A schema the registry knows, but not a MediaIngested.
+    let other_subject = format!("{}-other-value", env.input);
+    let other_id = env
+        .codec
+        .register(&other_subject, r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#, "BACKWARD")
+        .await
+        .unwrap();
+    let mut truncated = env.codec.encode(&env.input, &item(0)).await.unwrap();
+    truncated.truncate(9);
+    let mut wrong_schema = vec![0u8];
+    wrong_schema.extend_from_slice(&other_id.to_be_bytes());
+    wrong_schema.extend_from_slice(&[0x54]); // x = 42 as Avro zigzag varint
+    let poisons: Vec<(&str, Option<Vec<u8>>)> = vec![
+        ("empty_payload", None),
+        ("bad_framing", Some(br#"{"media_id":"json-not-avro"}"#.to_vec())),
+        ("unknown_schema_id", Some(vec![0, 0x7f, 0xff, 0xff, 0x00, 1, 2, 3])),
+        ("undecodable", Some(truncated)),
+        ("undecodable", Some(wrong_schema)),
+    ];
+    let mut expected: Vec<(String, i64)> = Vec::new(); // (kind, input offset)
+    let mut good_ids = HashSet::new();
+    let mut offset = 0i64;
+    for round in 0..3 {
+        for (kind, payload) in &poisons {
+            env.send_raw(&p, &format!("poison-{round}-{kind}"), payload.as_deref()).await;
+            expected.push((kind.to_string(), offset));
+            offset += 1;
+            let it = item(round * 100 + offset as usize);
+            env.send(&p, &it).await;
+            good_ids.insert(it.media_id);
+            offset += 1;
+        }
+        let mut empty_id = item(9000 + round);
+        empty_id.media_id = String::new();
+        env.send(&p, &empty_id).await;
+        expected.push(("invalid_field".into(), offset));
+        offset += 1;
+        let mut no_labels = item(9100 + round);
+        no_labels.candidate_labels = Some(vec![]);
+        env.send(&p, &no_labels).await;
+        expected.push(("invalid_labels".into(), offset));
+        offset += 1;
+        let mut too_many = item(9200 + round);
+        too_many.candidate_labels = Some((0..500).map(|i| format!("label {i}")).collect());
+        env.send(&p, &too_many).await;
+        expected.push(("invalid_labels".into(), offset));
+        offset += 1;
+        let it = item(round * 100 + 50);
+        env.send(&p, &it).await;
+        good_ids.insert(it.media_id);
+        offset += 1;
+    }
+
+    let dlq = env.consumer(&env.dlq);
+    let mut got: Vec<(String, i64, HashMap<String, String>)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got.len() < expected.len() && Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), dlq.recv()).await {
+            let mut h = HashMap::new();
+            for hd in m.headers().unwrap().iter() {
+                h.insert(hd.key.to_string(), String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned());
+            }
+            let off: i64 = h["source.offset"].parse().unwrap();
+            got.push((h["error.kind"].clone(), off, h));
+        }
+    }
+    got.sort_by_key(|g| g.1);
+    let kinds: Vec<(String, i64)> = got.iter().map(|(k, o, _)| (k.clone(), *o)).collect();
+    assert_eq!(kinds, expected, "each poison record in the DLQ with its kind and source offset");
+    for (_, _, h) in &got {
+        assert_eq!(h["source.topic"], env.input);
+        assert_eq!(h["source.partition"], "0");
+        assert!(!h["error.message"].is_empty());
+        assert_eq!(h["error.processor"], "tagger");
+    }
+    assert!(got.iter().any(|(k, _, h)| k == "undecodable" && h["schema.id"] == other_id.to_string()), "schema id header set");
+
+    let out = env.consumer(&env.output);
+    let (seen, _) = env.collect_tagged(&out, good_ids.len(), Duration::from_secs(60)).await;
+    assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), good_ids, "every good record processed");
+    stop.cancel();
+    let s = task.await.unwrap().unwrap();
+    assert_eq!(s.dead_lettered as usize, expected.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_mid_stream_loses_nothing() {
+    let env = env(2).await;
+    let tagger = env.tagger().await;
+    let p = env.producer();
+    let items: Vec<MediaIngested> = (0..600).map(item).collect();
+    futures::future::join_all(items.iter().map(|i| env.send(&p, i))).await;
+
+    let out = env.consumer(&env.output);
+    let (stop, task) = env.start_tagger(tagger.clone());
+    // Let it work on part of the input, then stop it (SIGTERM path: drain, commit, exit).
+    let (first, _) = env.collect_tagged(&out, 150, Duration::from_secs(120)).await;
+    assert!(first.len() >= 150);
+    stop.cancel();
+    let s1 = task.await.unwrap().unwrap();
+    assert!(s1.processed < 600, "stopped mid-stream ({} processed)", s1.processed);
+
+    let (stop, task) = env.start_tagger(tagger);
+    let (rest, _) = env.collect_tagged(&out, 600 - first.len(), Duration::from_secs(180)).await;
+    let all: HashSet<String> = first.keys().chain(rest.keys()).cloned().collect();
+    stop.cancel();
+    let s2 = task.await.unwrap().unwrap();
+    assert_eq!(all.len(), 600, "no item lost across the restart");
+    // Duplicates are allowed only for records in flight at the stop; they are bounded.
+    let reprocessed = (s1.processed + s2.processed) as i64 - 600;
+    assert!((0..=512).contains(&reprocessed), "reprocessed {reprocessed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_tagger_joining_mid_stream_shares_the_partitions() {
+    let env = env(4).await;
+    let tagger = env.tagger().await;
+    let p = env.producer();
+    let items: Vec<MediaIngested> = (0..800).map(item).collect();
+    let out = env.consumer(&env.output);
+    let (stop_a, task_a) = env.start_tagger(tagger.clone());
+    futures::future::join_all(items[..200].iter().map(|i| env.send(&p, i))).await;
+    let (early, _) = env.collect_tagged(&out, 50, Duration::from_secs(60)).await;
+    assert!(early.len() >= 50);
+    let (stop_b, task_b) = env.start_tagger(tagger.clone());
+    // Keep producing while the group rebalances.
+    for chunk in items[200..].chunks(50) {
+        futures::future::join_all(chunk.iter().map(|i| env.send(&p, i))).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (late, _) = env.collect_tagged(&out, 800 - early.len(), Duration::from_secs(240)).await;
+    let all: HashSet<String> = early.keys().chain(late.keys()).cloned().collect();
+    stop_a.cancel();
+    stop_b.cancel();
+    let a = task_a.await.unwrap().unwrap();
+    let b = task_b.await.unwrap().unwrap();
+    assert_eq!(all.len(), 800, "no loss across the rebalance");
+    assert!(a.processed > 0 && b.processed > 0, "both taggers got partitions: a {a:?}, b {b:?}");
+}
+
+/// A TCP proxy in front of the CQL database that the test can take down and bring back.
+struct Outage {
+    addr: SocketAddr,
+    target: String,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Outage {
+    async fn start(target: String) -> Outage {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut o = Outage { addr, target, task: None };
+        o.serve(l);
+        o
+    }
+    fn serve(&mut self, l: tokio::net::TcpListener) {
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut a, _)) = l.accept().await else { break };
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut b) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+            }
+        }));
+    }
+    /// The database "stops": the listener closes and every open connection is cut.
+    fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+    async fn up(&mut self) {
+        let l = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        self.serve(l);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sink_survives_a_database_outage_without_loss() {
+    let env = env(2).await;
+    let real = env::get(env::SCYLLA_URI, env::DEFAULT_SCYLLA);
+    let real_addr: SocketAddr = tokio::net::lookup_host(&real).await.unwrap().next().unwrap();
+    let mut proxy = Outage::start(real.clone()).await;
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_node_addr(proxy.addr)
+        .address_translator(Arc::new(HashMap::from([(real_addr, proxy.addr)])))
+        .build()
+        .await
+        .unwrap();
+    let (stop_t, task_t) = env.start_tagger(env.tagger().await);
+    let (stop_s, task_s) = env.start_sink(session).await;
+    let p = env.producer();
+    let ks = env.sink_config().keyspace;
+    let direct = cql().await;
+
+    let items: Vec<MediaIngested> = (0..400).map(item).collect();
+    futures::future::join_all(items[..100].iter().map(|i| env.send(&p, i))).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&direct, &ks).await < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(count(&direct, &ks).await, 100);
+
+    proxy.down();
+    futures::future::join_all(items[100..].iter().map(|i| env.send(&p, i))).await;
+    // While the database is away: no rows land, the sink does not spin, in-flight stays bounded.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = count(&direct, &ks).await;
+    assert!(during < 400, "rows landed through a closed proxy? {during}");
+    let in_flight = streamoasis_pipeline::telemetry::metrics().in_flight.with_label_values(&["sink"]).get();
+    assert!(in_flight <= env.topo.file.processors.sink.max_in_flight as i64, "in flight {in_flight}");
+
+    proxy.up().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(&direct, &ks).await < 400 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count(&direct, &ks).await, 400, "every item written after the outage");
+    stop_t.cancel();
+    stop_s.cancel();
+    task_t.await.unwrap().unwrap();
+    let s = task_s.await.unwrap().unwrap();
+    assert_eq!(s.dead_lettered, 0, "an outage is not poison");
+}

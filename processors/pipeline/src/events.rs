@@ -1,0 +1,313 @@
+//! The events that cross topics, as Rust types.
+//!
+//! The Avro schemas in `schemas/*.avsc` are the source of truth; these types mirror them and a
+//! test round-trips every field through the schema so that drift fails the build's tests.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use apache_avro::Schema;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// `schemas/media_ingested.avsc`, embedded at compile time.
+pub const MEDIA_INGESTED_AVSC: &str = include_str!("../../../schemas/media_ingested.avsc");
+/// `schemas/media_tagged.avsc`, embedded at compile time.
+pub const MEDIA_TAGGED_AVSC: &str = include_str!("../../../schemas/media_tagged.avsc");
+
+/// A record type carried on a topic in Avro.
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The Avro schema text (JSON) this type mirrors.
+    const AVSC: &'static str;
+    /// Record key on Kafka (events are keyed by media id).
+    fn key(&self) -> &str;
+    /// The parsed reader schema, parsed once.
+    fn schema() -> &'static Schema;
+}
+
+macro_rules! event_schema {
+    ($avsc:expr) => {{
+        static SCHEMA: OnceLock<Schema> = OnceLock::new();
+        SCHEMA.get_or_init(|| Schema::parse_str($avsc).expect("embedded schema is valid Avro"))
+    }};
+}
+
+/// Kind of media item. Unknown future symbols decode as `Other` (the schema's enum default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MediaKind {
+    Video,
+    Episode,
+    Movie,
+    Clip,
+    Trailer,
+    Live,
+    Podcast,
+    Article,
+    Attraction,
+    #[default]
+    Other,
+}
+
+/// One media item to tag (`media.ingested`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MediaIngested {
+    /// Stable identifier; the key of every derived record and row.
+    pub media_id: String,
+    /// What sort of media item this is.
+    pub kind: MediaKind,
+    /// Display title.
+    pub title: String,
+    /// Synopsis or summary.
+    pub description: Option<String>,
+    /// Full text: transcript, article body, subtitles.
+    pub transcript: Option<String>,
+    /// BCP 47 language tag, if known.
+    pub language: Option<String>,
+    /// Name of the producing system.
+    pub source: String,
+    /// Ingest time, milliseconds since the Unix epoch (UTC).
+    pub ingested_at: i64,
+    /// Free-form producer metadata.
+    #[serde(default)]
+    pub attributes: HashMap<String, String>,
+    /// Per-item label set replacing the taxonomy; `None` uses the taxonomy.
+    pub candidate_labels: Option<Vec<String>>,
+}
+
+impl Event for MediaIngested {
+    const AVSC: &'static str = MEDIA_INGESTED_AVSC;
+    fn key(&self) -> &str {
+        &self.media_id
+    }
+    fn schema() -> &'static Schema {
+        event_schema!(MEDIA_INGESTED_AVSC)
+    }
+}
+
+/// One label and its score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tag {
+    /// Label name.
+    pub label: String,
+    /// Score in [0, 1], higher is more confident.
+    pub score: f32,
+}
+
+/// Zero-shot strategy that produced the scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Strategy {
+    /// Bi-encoder similarity between the item and label prompts.
+    Embedding,
+    /// Natural-language-inference cross-encoder (entailment of "This is about {label}.").
+    Nli,
+}
+
+/// Model identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Model name.
+    pub name: String,
+    /// Package version or content hash.
+    pub version: String,
+}
+
+/// Coordinates of the input record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// Input topic.
+    pub topic: String,
+    /// Input partition.
+    pub partition: i32,
+    /// Input offset.
+    pub offset: i64,
+}
+
+/// Tags for one media item (`media.tagged`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MediaTagged {
+    /// Identifier of the tagged item (also the record key).
+    pub media_id: String,
+    /// Kind copied from the input.
+    pub kind: MediaKind,
+    /// Tags sorted by score, highest first.
+    pub tags: Vec<Tag>,
+    /// Why `tags` is empty, if it is.
+    pub no_tags_reason: Option<String>,
+    /// Strategy used.
+    pub strategy: Strategy,
+    /// Model used.
+    pub model: ModelRef,
+    /// Copied from the input, ms since the epoch.
+    pub ingested_at: i64,
+    /// When the tagger produced this event, ms since the epoch.
+    pub tagged_at: i64,
+    /// Input record coordinates.
+    pub lineage: Lineage,
+}
+
+impl Event for MediaTagged {
+    const AVSC: &'static str = MEDIA_TAGGED_AVSC;
+    fn key(&self) -> &str {
+        &self.media_id
+    }
+    fn schema() -> &'static Schema {
+        event_schema!(MEDIA_TAGGED_AVSC)
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Conversion between events and Avro values through their schema (no registry involved).
+pub mod avro {
+    use super::Event;
+    use apache_avro::types::Value;
+
+    /// Serialize an event to an Avro value conforming to its schema.
+    pub fn to_value<E: Event>(event: &E) -> Result<Value, apache_avro::Error> {
+        apache_avro::to_value(event)?.resolve(E::schema())
+    }
+
+    /// Read an event from an Avro value decoded with any compatible writer schema: the value
+    /// is first resolved against the reader schema (defaults filled, unknown fields dropped).
+    pub fn from_value<E: Event>(value: Value) -> Result<E, apache_avro::Error> {
+        let resolved = value.resolve(E::schema())?;
+        apache_avro::from_value(&resolved)
+    }
+
+    /// Avro binary (no framing) of an event, for tests and tools.
+    pub fn to_datum<E: Event>(event: &E) -> Result<Vec<u8>, apache_avro::Error> {
+        apache_avro::to_avro_datum(E::schema(), to_value(event)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::{from_avro_datum, to_avro_datum, types::Value};
+
+    pub(crate) fn sample_ingested() -> MediaIngested {
+        MediaIngested {
+            media_id: "m-1".into(),
+            kind: MediaKind::Trailer,
+            title: "Storm over the bay".into(),
+            description: Some("A fishing town braces for a hurricane.".into()),
+            transcript: None,
+            language: Some("en".into()),
+            source: "archive-ingest".into(),
+            ingested_at: 1_700_000_000_123,
+            attributes: HashMap::from([("season".into(), "2".into())]),
+            candidate_labels: Some(vec!["weather".into(), "drama".into()]),
+        }
+    }
+
+    fn sample_tagged() -> MediaTagged {
+        MediaTagged {
+            media_id: "m-1".into(),
+            kind: MediaKind::Attraction,
+            tags: vec![Tag { label: "sport".into(), score: 0.75 }, Tag { label: "tech".into(), score: 0.25 }],
+            no_tags_reason: None,
+            strategy: Strategy::Nli,
+            model: ModelRef { name: "m".into(), version: "1".into() },
+            ingested_at: 1,
+            tagged_at: 2,
+            lineage: Lineage { topic: "media.ingested".into(), partition: 3, offset: 42 },
+        }
+    }
+
+    fn round_trip<E: Event + PartialEq + std::fmt::Debug>(event: E) {
+        let bytes = avro::to_datum(&event).expect("encode");
+        let value = from_avro_datum(E::schema(), &mut bytes.as_slice(), None).expect("decode");
+        let back: E = avro::from_value(value).expect("from value");
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn media_ingested_matches_its_schema() {
+        round_trip(sample_ingested());
+        round_trip(MediaIngested { description: None, candidate_labels: None, attributes: HashMap::new(), ..sample_ingested() });
+    }
+
+    #[test]
+    fn media_tagged_matches_its_schema() {
+        round_trip(sample_tagged());
+        round_trip(MediaTagged { tags: vec![], no_tags_reason: Some("empty_text".into()), ..sample_tagged() });
+    }
+
+    /// Every schema field is present in the serialized Rust type and vice versa.
+    #[test]
+    fn rust_types_cover_every_schema_field() {
+        fn fields(schema: &Schema) -> Vec<String> {
+            match schema {
+                Schema::Record(r) => r.fields.iter().map(|f| f.name.clone()).collect(),
+                _ => panic!("not a record"),
+            }
+        }
+        fn value_fields(v: Value) -> Vec<String> {
+            match v {
+                Value::Record(fs) => fs.into_iter().map(|(n, _)| n).collect(),
+                _ => panic!("not a record"),
+            }
+        }
+        let v = apache_avro::to_value(sample_ingested()).unwrap();
+        assert_eq!(value_fields(v), fields(MediaIngested::schema()));
+        let v = apache_avro::to_value(sample_tagged()).unwrap();
+        assert_eq!(value_fields(v), fields(MediaTagged::schema()));
+    }
+
+    /// A writer that adds an optional field, and a reader that knows it, both keep working
+    /// with old data and new data (BACKWARD and FORWARD in practice).
+    #[test]
+    fn evolution_adds_an_optional_field() {
+        let mut json: serde_json::Value = serde_json::from_str(MEDIA_INGESTED_AVSC).unwrap();
+        json["fields"].as_array_mut().unwrap().push(serde_json::json!(
+            {"name": "rating", "type": ["null", "string"], "default": null}
+        ));
+        let v2 = Schema::parse_str(&json.to_string()).unwrap();
+        let v1 = MediaIngested::schema();
+        let compat = apache_avro::schema_compatibility::SchemaCompatibility::can_read(v1, &v2);
+        assert!(compat.is_ok(), "new reader must read old data: {compat:?}");
+
+        // New writer (v2 with the field set) -> old reader (v1 Rust type).
+        let mut value = avro::to_value(&sample_ingested()).unwrap();
+        if let Value::Record(fields) = &mut value {
+            fields.push(("rating".into(), Value::Union(1, Box::new(Value::String("PG".into())))));
+        }
+        let bytes = to_avro_datum(&v2, value).unwrap();
+        let decoded = from_avro_datum(&v2, &mut bytes.as_slice(), None).unwrap();
+        let old: MediaIngested = avro::from_value(decoded).unwrap();
+        assert_eq!(old, sample_ingested());
+
+        // Old writer (v1) -> new reader (v2): the field takes its default.
+        let bytes = avro::to_datum(&sample_ingested()).unwrap();
+        let decoded = from_avro_datum(v1, &mut bytes.as_slice(), Some(&v2)).unwrap();
+        match decoded {
+            Value::Record(fields) => {
+                let rating = fields.iter().find(|(n, _)| n == "rating").map(|(_, v)| v.clone());
+                assert_eq!(rating, Some(Value::Union(0, Box::new(Value::Null))));
+            }
+            other => panic!("expected a record, got {other:?}"),
+        }
+    }
+
+    /// An enum symbol unknown to the reader decodes as the enum default.
+    #[test]
+    fn unknown_kind_falls_back_to_other() {
+        let json = MEDIA_INGESTED_AVSC.replace("\"OTHER\"]", "\"OTHER\", \"SHORT\"]");
+        let writer = Schema::parse_str(&json).unwrap();
+        let mut value = avro::to_value(&sample_ingested()).unwrap();
+        if let Value::Record(fields) = &mut value {
+            fields[1].1 = Value::Enum(10, "SHORT".into());
+        }
+        let bytes = to_avro_datum(&writer, value).unwrap();
+        let decoded = from_avro_datum(&writer, &mut bytes.as_slice(), Some(MediaIngested::schema())).unwrap();
+        let item: MediaIngested = avro::from_value(decoded).unwrap();
+        assert_eq!(item.kind, MediaKind::Other);
+    }
+}

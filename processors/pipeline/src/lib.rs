@@ -1,0 +1,50 @@
+//! # streamoasis-pipeline
+//!
+//! Everything a streamoasis processor needs around Kafka, and nothing about models or databases.
+//!
+//! ## Layout
+//! - [`events`]: the Rust mirrors of `schemas/*.avsc` (`MediaIngested`, `MediaTagged`).
+//! - [`codec`]: Avro in the Confluent framing through a schema registry; poison vs retry.
+//! - [`topology`]: `topology.yaml` parsed and validated into typed config.
+//! - [`processor`]: the [`Processor`](processor::Processor) trait every processor implements.
+//! - [`kafka`]: the run loop (consume → process → produce → store offsets), DLQ, backpressure,
+//!   rebalances and shutdown. [`offsets`] holds the per-partition watermark it relies on.
+//! - [`admin`]: `topology apply` for topics and schemas.
+//! - [`telemetry`]: logs, OTLP traces, Prometheus metrics.
+//!
+//! ## Invariants
+//! - An input offset is stored only after every earlier offset of its partition was handled.
+//! - Every queue is bounded; a full one pauses partitions, never drops.
+//! - This crate does not depend on tch or scylla.
+
+pub mod admin;
+pub mod codec;
+pub mod events;
+pub mod kafka;
+pub mod offsets;
+pub mod processor;
+pub mod telemetry;
+pub mod topology;
+
+pub use tokio_util::sync::CancellationToken;
+
+/// Environment variables every tool reads (written by `scripts/stack up` to `.cache/stack/env`).
+pub mod env {
+    /// Kafka bootstrap servers.
+    pub const KAFKA_BOOTSTRAP: &str = "KAFKA_BOOTSTRAP";
+    /// Confluent-compatible schema registry base URL.
+    pub const SCHEMA_REGISTRY_URL: &str = "SCHEMA_REGISTRY_URL";
+    /// ScyllaDB (or Cassandra) contact point, host:port.
+    pub const SCYLLA_URI: &str = "SCYLLA_URI";
+    /// Default bootstrap servers.
+    pub const DEFAULT_KAFKA: &str = "127.0.0.1:9092";
+    /// Default registry URL.
+    pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:8081/apis/ccompat/v7";
+    /// Default CQL contact point.
+    pub const DEFAULT_SCYLLA: &str = "127.0.0.1:9042";
+
+    /// The variable's value or its default.
+    pub fn get(var: &str, default: &str) -> String {
+        std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string())
+    }
+}

@@ -1,0 +1,540 @@
+//! The dynamic batcher: many callers, one model.
+//!
+//! ```text
+//! callers ──infer()──> [bounded queue] ──batching task──> [slot: 1 batch] ──> model thread
+//!    ^                                        │ groups by length, pads            │
+//!    └──────────── oneshot reply per sequence ┴───────────────────────────────────┘
+//! ```
+//!
+//! - A batch closes at `max_batch_size` sequences, at `max_batch_tokens` of padded cost
+//!   (longest × count), or when its oldest sequence has waited `max_wait` — whichever first.
+//! - The oldest waiting sequence always anchors the next batch (no starvation); the rest of
+//!   the batch is filled with the sequences closest to it in length (less padding).
+//! - The batching task reserves the model slot *before* forming a batch, so exactly one batch
+//!   is padded and ready while the model runs the current one; meanwhile the queue fills and
+//!   the next batch grows with the load.
+//! - Sequences whose caller went away (dropped future) are skipped, never computed.
+//! - The queue is bounded: when it is full, `infer` waits (backpressure); nothing is dropped.
+//! - The model runs on its own OS thread, so inference never blocks the async runtime.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// One model input sequence: token ids including special tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seq {
+    /// Token ids.
+    pub ids: Vec<i64>,
+    /// Segment ids (sentence pairs), if the model takes them.
+    pub type_ids: Option<Vec<i64>>,
+}
+
+impl Seq {
+    /// A single-segment sequence.
+    pub fn new(ids: Vec<i64>) -> Self {
+        Seq { ids, type_ids: None }
+    }
+    /// Length in tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    /// True when it has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A padded batch, row-major `[rows, cols]`.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids, 0-padded.
+    pub input_ids: Vec<i64>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<i64>,
+    /// Segment ids, when every sequence had them.
+    pub token_type_ids: Option<Vec<i64>>,
+    /// Sequences.
+    pub rows: usize,
+    /// Longest sequence.
+    pub cols: usize,
+}
+
+impl Batch {
+    /// Pad sequences to the longest.
+    pub fn pad(seqs: &[&Seq]) -> Batch {
+        let rows = seqs.len();
+        let cols = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut input_ids = vec![0i64; rows * cols];
+        let mut attention_mask = vec![0i64; rows * cols];
+        let with_types = !seqs.is_empty() && seqs.iter().all(|s| s.type_ids.is_some());
+        let mut types = if with_types { Some(vec![0i64; rows * cols]) } else { None };
+        for (r, s) in seqs.iter().enumerate() {
+            let off = r * cols;
+            input_ids[off..off + s.len()].copy_from_slice(&s.ids);
+            attention_mask[off..off + s.len()].fill(1);
+            if let (Some(t), Some(st)) = (types.as_mut(), s.type_ids.as_ref()) {
+                t[off..off + st.len()].copy_from_slice(st);
+            }
+        }
+        Batch { input_ids, attention_mask, token_type_ids: types, rows, cols }
+    }
+}
+
+/// The model side of the batcher: a synchronous forward pass, one output row per sequence.
+pub trait Backend: Send + 'static {
+    /// Called once on the model thread before the first batch (thread-local runtime settings
+    /// such as libtorch's OpenMP thread count belong here).
+    fn on_start(&mut self) {}
+
+    /// Run one batch; returns `batch.rows` vectors.
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, String>;
+}
+
+/// Batching knobs (see `tagging.batching` in topology.yaml for the trade-offs).
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    /// Most sequences per batch.
+    pub max_batch_size: usize,
+    /// Most padded tokens (longest × count) per batch.
+    pub max_batch_tokens: usize,
+    /// Longest the oldest sequence waits for a batch to fill.
+    pub max_wait: Duration,
+    /// Sequences waiting for the model before callers are made to wait.
+    pub queue_capacity: usize,
+}
+
+/// Why inference failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum BatchError {
+    /// The model returned an error for the batch this sequence was in.
+    #[error("model error: {0}")]
+    Model(String),
+    /// The batcher or model thread is gone (shutting down).
+    #[error("batcher stopped")]
+    Stopped,
+}
+
+struct Request {
+    seq: Seq,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Vec<f32>, BatchError>>,
+}
+
+struct Job {
+    batch: Batch,
+    replies: Vec<oneshot::Sender<Result<Vec<f32>, BatchError>>>,
+}
+
+struct BatchMetrics {
+    size: Histogram,
+    padding: Histogram,
+    batches: IntCounter,
+    skipped: IntCounter,
+}
+
+fn batch_metrics() -> &'static BatchMetrics {
+    static M: OnceLock<BatchMetrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let r = streamoasis_pipeline::telemetry::registry();
+        let m = BatchMetrics {
+            size: Histogram::with_opts(HistogramOpts::new("streamoasis_batch_size", "Sequences per model batch").buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])).unwrap(),
+            padding: Histogram::with_opts(HistogramOpts::new("streamoasis_batch_padding_ratio", "Padded tokens / all tokens per batch").buckets(vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75])).unwrap(),
+            batches: IntCounter::new("streamoasis_batches_total", "Model batches run").unwrap(),
+            skipped: IntCounter::new("streamoasis_batch_skipped_total", "Sequences skipped because their caller went away").unwrap(),
+        };
+        let _ = r.register(Box::new(m.size.clone()));
+        let _ = r.register(Box::new(m.padding.clone()));
+        let _ = r.register(Box::new(m.batches.clone()));
+        let _ = r.register(Box::new(m.skipped.clone()));
+        m
+    })
+}
+
+/// Handle to a running batcher; cheap to clone. The batcher stops when every handle is dropped.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// Start the batching task (on the current tokio runtime) and the model thread.
+    pub fn spawn<B: Backend>(mut backend: B, cfg: BatcherConfig) -> Batcher {
+        let (tx, rx) = mpsc::channel::<Request>(cfg.queue_capacity.max(1));
+        let (job_tx, mut job_rx) = mpsc::channel::<Job>(1);
+        std::thread::Builder::new()
+            .name("streamoasis-model".into())
+            .spawn(move || {
+                backend.on_start();
+                while let Some(job) = job_rx.blocking_recv() {
+                    match backend.forward(&job.batch) {
+                        Ok(rows) if rows.len() == job.replies.len() => {
+                            for (reply, row) in job.replies.into_iter().zip(rows) {
+                                let _ = reply.send(Ok(row));
+                            }
+                        }
+                        Ok(rows) => {
+                            let e = BatchError::Model(format!("model returned {} rows for {} sequences", rows.len(), job.replies.len()));
+                            for reply in job.replies {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                        }
+                        Err(e) => {
+                            for reply in job.replies {
+                                let _ = reply.send(Err(BatchError::Model(e.clone())));
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn model thread");
+        tokio::spawn(batching_task(rx, job_tx, cfg));
+        Batcher { tx }
+    }
+
+    /// Run `seqs` through the model; outputs in the same order. Waits while the queue is full.
+    pub async fn infer(&self, seqs: Vec<Seq>) -> Result<Vec<Vec<f32>>, BatchError> {
+        let mut replies = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let (reply, rx) = oneshot::channel();
+            self.tx.send(Request { seq, enqueued: Instant::now(), reply }).await.map_err(|_| BatchError::Stopped)?;
+            replies.push(rx);
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        for rx in replies {
+            out.push(rx.await.map_err(|_| BatchError::Stopped)??);
+        }
+        Ok(out)
+    }
+}
+
+/// Padded cost of a set of sequences: longest × count.
+fn padded_cost(longest: usize, count: usize) -> usize {
+    longest * count
+}
+
+/// Would the pending sequences fill a batch right now?
+fn can_fill(pending: &VecDeque<Request>, cfg: &BatcherConfig) -> bool {
+    if pending.len() >= cfg.max_batch_size {
+        return true;
+    }
+    let longest = pending.iter().map(|r| r.seq.len()).max().unwrap_or(0);
+    padded_cost(longest, pending.len()) >= cfg.max_batch_tokens
+}
+
+/// Choose the next batch: the oldest request anchors it; the rest are the requests closest to
+/// it in length, taken while size and token budgets allow. Returns indices into `pending`.
+fn select(pending: &VecDeque<Request>, cfg: &BatcherConfig) -> Vec<usize> {
+    let anchor_len = pending[0].seq.len();
+    let mut order: Vec<usize> = (1..pending.len()).collect();
+    // Closest length first; ties broken by age (index order), so equal lengths are FIFO.
+    order.sort_by_key(|&i| (pending[i].seq.len().abs_diff(anchor_len), i));
+    let mut chosen = vec![0];
+    let mut longest = anchor_len;
+    for i in order {
+        if chosen.len() >= cfg.max_batch_size {
+            break;
+        }
+        let l = longest.max(pending[i].seq.len());
+        if padded_cost(l, chosen.len() + 1) > cfg.max_batch_tokens {
+            continue;
+        }
+        longest = l;
+        chosen.push(i);
+    }
+    chosen
+}
+
+async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job>, cfg: BatcherConfig) {
+    let mut pending: VecDeque<Request> = VecDeque::with_capacity(cfg.queue_capacity);
+    let mut closed = false;
+    let m = batch_metrics();
+    loop {
+        // Reserve the model slot first: at most one batch waits while the model runs one.
+        let permit = match job_tx.reserve().await {
+            Ok(p) => p,
+            Err(_) => return, // model thread gone; dropping requests fails their callers
+        };
+        // Wait until a batch should close.
+        loop {
+            while pending.len() < cfg.queue_capacity {
+                match rx.try_recv() {
+                    Ok(r) => pending.push_back(r),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            let before = pending.len();
+            pending.retain(|r| !r.reply.is_closed());
+            m.skipped.inc_by((before - pending.len()) as u64);
+            if pending.is_empty() {
+                if closed {
+                    return;
+                }
+                match rx.recv().await {
+                    Some(r) => pending.push_back(r),
+                    None => return,
+                }
+                continue;
+            }
+            if closed || can_fill(&pending, &cfg) || pending.len() >= cfg.queue_capacity {
+                break;
+            }
+            let deadline = pending[0].enqueued + cfg.max_wait;
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => pending.push_back(r),
+                    None => closed = true,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let mut idx = select(&pending, &cfg);
+        idx.sort_unstable_by(|a, b| b.cmp(a));
+        let mut reqs: Vec<Request> = idx.into_iter().filter_map(|i| pending.remove(i)).collect();
+        reqs.reverse();
+        let seqs: Vec<&Seq> = reqs.iter().map(|r| &r.seq).collect();
+        let batch = Batch::pad(&seqs);
+        let real: usize = seqs.iter().map(|s| s.len()).sum();
+        m.batches.inc();
+        m.size.observe(batch.rows as f64);
+        if batch.rows * batch.cols > 0 {
+            m.padding.observe(1.0 - real as f64 / (batch.rows * batch.cols) as f64);
+        }
+        let replies = reqs.into_iter().map(|r| r.reply).collect();
+        permit.send(Job { batch, replies });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A fake model: output row = [first token id, row length without padding, batch rows].
+    /// Records every batch it sees; optionally sleeps to emulate compute.
+    #[derive(Clone, Default)]
+    struct Fake {
+        seen: Arc<Mutex<Vec<(usize, usize)>>>,
+        delay: Duration,
+        fail_on: Option<i64>,
+    }
+
+    impl Backend for Fake {
+        fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, String> {
+            self.seen.lock().unwrap().push((b.rows, b.cols));
+            if !self.delay.is_zero() {
+                std::thread::sleep(self.delay);
+            }
+            let mut out = Vec::new();
+            for r in 0..b.rows {
+                let row = &b.input_ids[r * b.cols..(r + 1) * b.cols];
+                if Some(row[0]) == self.fail_on {
+                    return Err(format!("poisoned id {}", row[0]));
+                }
+                let len = b.attention_mask[r * b.cols..(r + 1) * b.cols].iter().sum::<i64>();
+                out.push(vec![row[0] as f32, len as f32, b.rows as f32]);
+            }
+            Ok(out)
+        }
+    }
+
+    fn cfg(size: usize, tokens: usize, wait_ms: u64, cap: usize) -> BatcherConfig {
+        BatcherConfig { max_batch_size: size, max_batch_tokens: tokens, max_wait: Duration::from_millis(wait_ms), queue_capacity: cap }
+    }
+
+    fn seq(id: i64, len: usize) -> Seq {
+        let mut ids = vec![id; len.max(1)];
+        ids[0] = id;
+        Seq::new(ids)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_caller_gets_its_own_result() {
+        let fake = Fake::default();
+        let b = Batcher::spawn(fake.clone(), cfg(8, 10_000, 5, 64));
+        let mut tasks = Vec::new();
+        for i in 1..=100i64 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let len = 3 + (i as usize % 7);
+                let out = b.infer(vec![seq(i, len), seq(i + 1000, 2)]).await.unwrap();
+                assert_eq!(out[0][0], i as f32);
+                assert_eq!(out[0][1], len as f32);
+                assert_eq!(out[1][0], (i + 1000) as f32);
+                assert_eq!(out[1][1], 2.0);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let seen = fake.seen.lock().unwrap();
+        assert!(seen.iter().all(|&(rows, _)| rows <= 8), "batch size respected: {seen:?}");
+        assert!(seen.iter().map(|&(r, _)| r).sum::<usize>() == 200);
+        assert!(seen.len() < 200, "requests were batched together: {} batches", seen.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_item_waits_max_wait_then_runs() {
+        let fake = Fake::default();
+        let b = Batcher::spawn(fake.clone(), cfg(32, 10_000, 50, 64));
+        let start = Instant::now();
+        let out = b.infer(vec![seq(7, 4)]).await.unwrap();
+        let waited = start.elapsed();
+        assert_eq!(out[0][2], 1.0, "batch of one");
+        assert!(waited >= Duration::from_millis(50), "closed early: {waited:?}");
+        assert!(waited < Duration::from_millis(60), "closed late: {waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_closes_without_waiting() {
+        let fake = Fake::default();
+        let b = Batcher::spawn(fake.clone(), cfg(4, 10_000, 10_000, 64));
+        let start = Instant::now();
+        let out = b.infer((0..4).map(|i| seq(i, 5)).collect()).await.unwrap();
+        assert_eq!(out.len(), 4);
+        assert!(start.elapsed() < Duration::from_millis(100), "waited {:?} for a full batch", start.elapsed());
+        assert_eq!(fake.seen.lock().unwrap()[0], (4, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_budget_limits_padded_cost() {
+        let fake = Fake::default();
+        // 100 tokens budget; sequences of 30 tokens: at most 3 per batch.
+        let b = Batcher::spawn(fake.clone(), cfg(32, 100, 5, 64));
+        let out = b.infer((0..10).map(|i| seq(i, 30)).collect()).await.unwrap();
+        assert_eq!(out.len(), 10);
+        for &(rows, cols) in fake.seen.lock().unwrap().iter() {
+            assert!(rows * cols <= 100, "padded cost {rows}x{cols} over budget");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_longer_than_the_budget_still_runs_alone() {
+        let fake = Fake::default();
+        let b = Batcher::spawn(fake.clone(), cfg(32, 16, 5, 64));
+        let out = b.infer(vec![seq(1, 40), seq(2, 4)]).await.unwrap();
+        assert_eq!(out[0][1], 40.0);
+        assert_eq!(out[0][2], 1.0, "the long item ran alone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn similar_lengths_are_grouped() {
+        let fake = Fake::default();
+        // The model is slow, so the queue fills while it works; then 4-wide batches form.
+        let b = Batcher::spawn(Fake { delay: Duration::from_millis(0), ..fake.clone() }, cfg(4, 10_000, 20, 64));
+        let lens = [10, 100, 11, 101, 12, 102, 13, 103];
+        let out = b.infer(lens.iter().enumerate().map(|(i, &l)| seq(i as i64, l)).collect()).await.unwrap();
+        assert_eq!(out.len(), 8);
+        let seen = fake.seen.lock().unwrap();
+        // Two batches: the short ones padded to 13, the long ones to 103 (not 4 x 103 twice).
+        assert_eq!(*seen, vec![(4, 13), (4, 103)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_items_are_not_starved_by_a_stream_of_short_ones() {
+        let fake = Fake::default();
+        let b = Batcher::spawn(fake.clone(), cfg(2, 10_000, 5, 256));
+        let long = {
+            let b = b.clone();
+            tokio::spawn(async move { b.infer(vec![seq(999, 200)]).await })
+        };
+        tokio::task::yield_now().await;
+        let mut shorts = Vec::new();
+        for i in 0..50 {
+            let b = b.clone();
+            shorts.push(tokio::spawn(async move { b.infer(vec![seq(i, 3)]).await }));
+        }
+        let out = long.await.unwrap().unwrap();
+        assert_eq!(out[0][0], 999.0);
+        // The long item was in one of the first batches (it was the oldest).
+        let seen = fake.seen.lock().unwrap().clone();
+        let pos = seen.iter().position(|&(_, cols)| cols == 200).unwrap();
+        assert!(pos <= 1, "long item served at batch {pos}: {seen:?}");
+        drop(seen);
+        for s in shorts {
+            s.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_callers_are_skipped() {
+        let fake = Fake { delay: Duration::from_millis(100), ..Default::default() };
+        let b = Batcher::spawn(fake.clone(), cfg(1, 10_000, 0, 64));
+        // Occupy the model.
+        let busy = {
+            let b = b.clone();
+            tokio::spawn(async move { b.infer(vec![seq(1, 3)]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // These callers give up before the model is free.
+        for i in 100..110 {
+            let b = b.clone();
+            let _ = tokio::time::timeout(Duration::from_millis(5), async move { b.infer(vec![seq(i, 3)]).await }).await;
+        }
+        let out = b.infer(vec![seq(2, 3)]).await.unwrap();
+        assert_eq!(out[0][0], 2.0);
+        busy.await.unwrap().unwrap();
+        let seen = fake.seen.lock().unwrap().len();
+        // 1 (busy) + at most 1 prepared while busy + 1 (last); the other cancelled ones skipped.
+        assert!(seen <= 3, "ran {seen} batches; cancelled requests were computed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_makes_callers_wait_and_drops_nothing() {
+        let fake = Fake { delay: Duration::from_millis(20), ..Default::default() };
+        let b = Batcher::spawn(fake.clone(), cfg(2, 10_000, 0, 2));
+        // Far more than queue + slot + running: callers must wait, not fail.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move { b.infer(vec![seq(i, 3)]).await.unwrap()[0][0] }));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The queue holds at most its capacity: the 21st send cannot complete at once.
+        let probe = b.clone();
+        let quick = tokio::time::timeout(Duration::from_millis(1), async move { probe.tx.reserve().await.map(|_| ()) }).await;
+        assert!(quick.is_err(), "queue should be full and push back");
+        let mut got: Vec<f32> = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap());
+        }
+        got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(got, (0..20).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_error_fails_only_its_batch() {
+        let fake = Fake { fail_on: Some(666), ..Default::default() };
+        let b = Batcher::spawn(fake, cfg(1, 10_000, 1, 16));
+        assert!(matches!(b.infer(vec![seq(666, 3)]).await, Err(BatchError::Model(_))));
+        assert_eq!(b.infer(vec![seq(5, 3)]).await.unwrap()[0][0], 5.0);
+    }
+
+    #[test]
+    fn padding_builds_masks_and_types() {
+        let a = Seq { ids: vec![1, 2, 3], type_ids: Some(vec![0, 0, 1]) };
+        let b = Seq { ids: vec![4], type_ids: Some(vec![0]) };
+        let batch = Batch::pad(&[&a, &b]);
+        assert_eq!((batch.rows, batch.cols), (2, 3));
+        assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 0, 0]);
+        assert_eq!(batch.attention_mask, vec![1, 1, 1, 1, 0, 0]);
+        assert_eq!(batch.token_type_ids, Some(vec![0, 0, 1, 0, 0, 0]));
+    }
+}

@@ -1,0 +1,298 @@
+//! The `tagging:` section of topology.yaml, validated into [`TaggerConfig`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use streamoasis_pipeline::topology::{ConfigError, Topology};
+
+/// Which zero-shot strategy scores labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    /// Bi-encoder: cosine between the item and label-prompt embeddings. One forward pass per
+    /// item window; label embeddings cached. Fast.
+    #[default]
+    Embedding,
+    /// Cross-encoder NLI (entailment of a hypothesis per label). items × labels forward passes.
+    Nli,
+}
+
+/// Model location and runtime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Folder with `model.pt`, `tokenizer.json`, `manifest.json` (written by scripts/setup).
+    pub path: PathBuf,
+    /// `cpu` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Intra-op threads for the model; 0 = the cores available to the process.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// Embedding-strategy settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    /// Prompt templates; `{label}` and `{description}` are substituted. Several are averaged.
+    #[serde(default = "default_templates")]
+    pub templates: Vec<String>,
+    /// Softmax temperature over cosines (single-label). Lower = peakier scores.
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// Independent per-label scores (sigmoid) instead of a softmax over labels.
+    #[serde(default)]
+    pub multi_label: bool,
+    /// Multi-label calibration: score = sigmoid((cos - center) / scale).
+    #[serde(default = "default_center")]
+    pub center: f32,
+    /// Multi-label calibration scale.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+}
+
+fn default_templates() -> Vec<String> {
+    vec!["This is about {label}.".into()]
+}
+fn default_temperature() -> f32 {
+    0.05
+}
+fn default_center() -> f32 {
+    0.3
+}
+fn default_scale() -> f32 {
+    0.05
+}
+
+impl Default for EmbeddingSpec {
+    fn default() -> Self {
+        EmbeddingSpec { templates: default_templates(), temperature: default_temperature(), multi_label: false, center: default_center(), scale: default_scale() }
+    }
+}
+
+/// NLI-strategy settings (semantics of the transformers zero-shot-classification pipeline).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NliSpec {
+    /// Folder of an exported sequence-classification NLI model (manifest kind `nli`).
+    pub model: PathBuf,
+    /// Hypothesis; `{}` is replaced by the label.
+    #[serde(default = "default_hypothesis")]
+    pub hypothesis_template: String,
+    /// Independent entailment-vs-contradiction per label instead of a softmax across labels.
+    #[serde(default)]
+    pub multi_label: bool,
+}
+
+fn default_hypothesis() -> String {
+    "This example is {}.".into()
+}
+
+/// Dynamic batching knobs. See the crate docs for the trade-offs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSpec {
+    /// Most sequences per forward pass. Larger amortises overhead but past ~32 on CPU the
+    /// throughput falls (cache) and latency grows.
+    #[serde(default = "default_batch")]
+    pub max_batch_size: usize,
+    /// Most padded tokens (longest × count) per forward pass: bounds memory and the time of
+    /// one pass, so long windows do not hold short items hostage.
+    #[serde(default = "default_tokens")]
+    pub max_batch_tokens: usize,
+    /// Longest an item waits for a batch to fill. Higher = fuller batches under light load,
+    /// at the cost of that much added latency.
+    #[serde(default = "default_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Sequences waiting for the model; callers wait (backpressure) when it is full.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+}
+
+fn default_batch() -> usize {
+    32
+}
+fn default_tokens() -> usize {
+    8192
+}
+fn default_wait() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_queue() -> usize {
+    1024
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        BatchingSpec { max_batch_size: default_batch(), max_batch_tokens: default_tokens(), max_wait: default_wait(), queue_capacity: default_queue() }
+    }
+}
+
+/// How an item's text becomes model input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    /// Tokens per window including special tokens; 0 = the model's max_seq_len.
+    #[serde(default)]
+    pub max_tokens: usize,
+    /// Most windows per item (title + description + transcript); text beyond is ignored.
+    #[serde(default = "default_windows")]
+    pub max_windows: usize,
+    /// Tokens shared by consecutive windows.
+    #[serde(default = "default_stride")]
+    pub stride: usize,
+}
+
+fn default_windows() -> usize {
+    4
+}
+fn default_stride() -> usize {
+    32
+}
+
+impl Default for TextSpec {
+    fn default() -> Self {
+        TextSpec { max_tokens: 0, max_windows: default_windows(), stride: default_stride() }
+    }
+}
+
+/// One label of the taxonomy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSpec {
+    /// Label name as emitted in tags.
+    pub name: String,
+    /// Words describing it, used by prompt templates with `{description}`.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// The `tagging:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaggingSpec {
+    /// The embedding model (always needed: the embedding strategy and label prompts).
+    pub model: ModelSpec,
+    /// `embedding` (default) or `nli`.
+    #[serde(default)]
+    pub strategy: StrategyKind,
+    /// Embedding-strategy settings.
+    #[serde(default)]
+    pub embedding: EmbeddingSpec,
+    /// NLI-strategy settings (required when strategy is nli).
+    #[serde(default)]
+    pub nli: Option<NliSpec>,
+    /// How many tags to emit per item (highest scores).
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Multi-label: drop tags below this score.
+    #[serde(default)]
+    pub min_score: f32,
+    /// Most labels in the taxonomy or in an item's candidate_labels.
+    #[serde(default = "default_max_labels")]
+    pub max_labels: usize,
+    /// Label-embedding cache size for per-item candidate_labels.
+    #[serde(default = "default_cache")]
+    pub label_cache: usize,
+    /// Windowing of long text.
+    #[serde(default)]
+    pub text: TextSpec,
+    /// Dynamic batching.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+    /// The label taxonomy.
+    pub labels: Vec<LabelSpec>,
+}
+
+fn default_top_k() -> usize {
+    3
+}
+fn default_max_labels() -> usize {
+    64
+}
+fn default_cache() -> usize {
+    1024
+}
+
+/// Validated tagger configuration (paths resolved).
+pub type TaggerConfig = TaggingSpec;
+
+impl TaggingSpec {
+    /// Parse the `tagging:` section of a topology and validate it.
+    pub fn from_topology(t: &Topology) -> Result<Self, ConfigError> {
+        let mut spec: TaggingSpec = t.section("tagging", &t.file.tagging)?;
+        spec.model.path = t.resolve(&spec.model.path);
+        if let Some(nli) = spec.nli.as_mut() {
+            nli.model = t.resolve(&nli.model);
+        }
+        spec.validate(&t.path.display().to_string())?;
+        Ok(spec)
+    }
+
+    /// Pure cross-field checks.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: String| Err(ConfigError::new(format!("{origin}: tagging.{key}"), msg));
+        if self.labels.is_empty() {
+            return err("labels", "the taxonomy is empty: list at least one label (name + optional description)".into());
+        }
+        if self.labels.len() > self.max_labels {
+            return err("labels", format!("{} labels exceed tagging.max_labels ({}); raise max_labels or trim the taxonomy", self.labels.len(), self.max_labels));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, l) in self.labels.iter().enumerate() {
+            if l.name.trim().is_empty() {
+                return err(&format!("labels[{i}].name"), "must not be empty".into());
+            }
+            if !seen.insert(l.name.as_str()) {
+                return err(&format!("labels[{i}].name"), format!("label '{}' is listed twice", l.name));
+            }
+        }
+        if self.top_k == 0 {
+            return err("top_k", "must be >= 1".into());
+        }
+        if self.embedding.templates.is_empty() || self.embedding.templates.iter().any(|t| !t.contains("{label}") && !t.contains("{description}")) {
+            return err("embedding.templates", "need at least one template, each containing {label} or {description}".into());
+        }
+        if self.embedding.temperature <= 0.0 || self.embedding.scale <= 0.0 {
+            return err("embedding.temperature", "temperature and scale must be > 0".into());
+        }
+        if self.strategy == StrategyKind::Nli {
+            match &self.nli {
+                None => return err("nli", "strategy is nli but the tagging.nli section (model, hypothesis_template) is missing".into()),
+                Some(n) if !n.hypothesis_template.contains("{}") => {
+                    return err("nli.hypothesis_template", format!("'{}' must contain {{}} where the label goes", n.hypothesis_template));
+                }
+                _ => {}
+            }
+        }
+        let b = &self.batching;
+        if b.max_batch_size == 0 || b.queue_capacity == 0 {
+            return err("batching", "max_batch_size and queue_capacity must be >= 1".into());
+        }
+        if b.queue_capacity < b.max_batch_size {
+            return err("batching.queue_capacity", format!("({}) must be >= tagging.batching.max_batch_size ({})", b.queue_capacity, b.max_batch_size));
+        }
+        if self.text.max_windows == 0 {
+            return err("text.max_windows", "must be >= 1".into());
+        }
+        if self.text.max_tokens != 0 && self.text.max_tokens < 16 {
+            return err("text.max_tokens", format!("{} is too small (>= 16, or 0 for the model's maximum)", self.text.max_tokens));
+        }
+        if self.text.max_tokens != 0 && self.text.stride * 2 >= self.text.max_tokens {
+            return err("text.stride", format!("({}) must be less than half of tagging.text.max_tokens ({})", self.text.stride, self.text.max_tokens));
+        }
+        if self.text.max_tokens != 0 && b.max_batch_tokens < self.text.max_tokens {
+            return err("batching.max_batch_tokens", format!("({}) must be >= tagging.text.max_tokens ({}) or a full window never fits", b.max_batch_tokens, self.text.max_tokens));
+        }
+        if !(self.model.device == "cpu" || self.model.device.starts_with("cuda")) {
+            return err("model.device", format!("'{}' is not cpu or cuda:N", self.model.device));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! The model: manifest, tokenizer and TorchScript module.
+//!
+//! `model.pt` is a traced module: embedding models take `(input_ids, attention_mask)` and
+//! return L2-normalised mean-pooled embeddings `[B, dims]`; NLI models take
+//! `(input_ids, attention_mask, token_type_ids)` and return logits `[B, labels]`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tch::{CModule, Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::batcher::{Backend, Batch, Seq};
+
+/// `manifest.json`, written by `scripts/python/export_model.py`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    /// Model name.
+    pub name: String,
+    /// Package version or hash.
+    pub version: String,
+    /// `embedding` or `nli`.
+    pub kind: String,
+    /// Longest sequence in tokens, special tokens included.
+    pub max_seq_len: usize,
+    /// Embedding size (embedding models).
+    #[serde(default)]
+    pub dims: Option<usize>,
+    /// Output labels (NLI models).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Index of the entailment logit (NLI models).
+    #[serde(default)]
+    pub entailment_index: Option<usize>,
+}
+
+/// Why a model could not be loaded; messages say how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file is missing or unreadable.
+    #[error("{path}: {message} (run scripts/setup to export the model)")]
+    Missing { path: PathBuf, message: String },
+    /// libtorch refused the module or device.
+    #[error("{0}")]
+    Torch(String),
+}
+
+/// Read a model folder's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, LoadError> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Missing { path: path.clone(), message: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Missing { path, message: format!("invalid manifest: {e}") })
+}
+
+/// Turns text into model sequences: windows of one text, or a (premise, hypothesis) pair.
+#[derive(Debug, Clone)]
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    cls: i64,
+    sep: i64,
+    /// Tokens per sequence including specials.
+    pub max_tokens: usize,
+}
+
+impl TextEncoder {
+    /// Load `tokenizer.json`, dropping its built-in padding and truncation (we pad per batch
+    /// and window long text ourselves).
+    pub fn load(dir: &Path, max_tokens: usize) -> Result<Self, LoadError> {
+        let path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| LoadError::Missing { path: path.clone(), message: e.to_string() })?;
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| LoadError::Torch(e.to_string()))?;
+        let id = |t: &str| {
+            tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| LoadError::Missing { path: path.clone(), message: format!("no {t} token") })
+        };
+        Ok(TextEncoder { cls: id("[CLS]")?, sep: id("[SEP]")?, tokenizer, max_tokens })
+    }
+
+    /// Content token ids (no specials) of at most `max_chars` characters of `text`.
+    pub fn content_ids(&self, text: &str, max_chars: usize) -> Vec<i64> {
+        let text = match text.char_indices().nth(max_chars) {
+            Some((i, _)) => &text[..i],
+            None => text,
+        };
+        match self.tokenizer.encode(text, false) {
+            Ok(enc) => enc.get_ids().iter().map(|&i| i64::from(i)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Split text into at most `max_windows` windows of `max_tokens` (specials included),
+    /// consecutive windows sharing `stride` tokens. Empty text gives no windows.
+    pub fn windows(&self, text: &str, max_windows: usize, stride: usize) -> Vec<Seq> {
+        let body = self.max_tokens.saturating_sub(2).max(1);
+        let step = body.saturating_sub(stride).max(1);
+        // Bound tokenisation work on huge inputs: ~8 chars per token is generous for BERT
+        // wordpieces, so this never cuts text that the windows would have covered.
+        let max_chars = (body + step * max_windows.saturating_sub(1)) * 8;
+        let ids = self.content_ids(text, max_chars);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < ids.len() && out.len() < max_windows {
+            let end = (start + body).min(ids.len());
+            let mut seq = Vec::with_capacity(end - start + 2);
+            seq.push(self.cls);
+            seq.extend_from_slice(&ids[start..end]);
+            seq.push(self.sep);
+            out.push(Seq::new(seq));
+            if end == ids.len() {
+                break;
+            }
+            start += step;
+        }
+        out
+    }
+
+    /// `[CLS] premise [SEP] hypothesis [SEP]` with segment ids, truncating only the premise.
+    pub fn pair(&self, premise_ids: &[i64], hypothesis: &str) -> Seq {
+        let hyp = self.content_ids(hypothesis, 4096);
+        let room = self.max_tokens.saturating_sub(hyp.len() + 3);
+        let p = &premise_ids[..premise_ids.len().min(room)];
+        let mut ids = Vec::with_capacity(p.len() + hyp.len() + 3);
+        ids.push(self.cls);
+        ids.extend_from_slice(p);
+        ids.push(self.sep);
+        let first = ids.len();
+        ids.extend_from_slice(&hyp);
+        ids.push(self.sep);
+        let mut types = vec![0i64; first];
+        types.resize(ids.len(), 1);
+        Seq { ids, type_ids: Some(types) }
+    }
+}
+
+/// Parse `cpu` / `cuda` / `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, LoadError> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => {
+                if !tch::Cuda::is_available() {
+                    return Err(LoadError::Torch(format!("tagging.model.device is '{s}' but libtorch sees no CUDA device; use cpu")));
+                }
+                Ok(Device::Cuda(n))
+            }
+            None => Err(LoadError::Torch(format!("tagging.model.device: '{s}' is not cpu or cuda:N"))),
+        },
+    }
+}
+
+/// Set libtorch's intra-op threads (0 = the cores available to this process).
+pub fn set_threads(n: usize) -> usize {
+    let n = if n == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { n };
+    tch::set_num_threads(n as i32);
+    n
+}
+
+/// A TorchScript module as a batcher backend. Lives on the model thread.
+#[derive(Debug)]
+pub struct TorchBackend {
+    module: CModule,
+    device: Device,
+    with_types: bool,
+    threads: usize,
+}
+
+impl TorchBackend {
+    /// Load `model.pt` on a device, in eval mode.
+    /// `threads` = intra-op threads, set on the model thread (0 = available cores).
+    pub fn load(dir: &Path, device: Device, with_types: bool, threads: usize) -> Result<Self, LoadError> {
+        let path = dir.join("model.pt");
+        if !path.exists() {
+            return Err(LoadError::Missing { path, message: "not found".into() });
+        }
+        let mut module = CModule::load_on_device(&path, device).map_err(|e| LoadError::Torch(format!("{}: {e}", path.display())))?;
+        module.set_eval();
+        Ok(TorchBackend { module, device, with_types, threads })
+    }
+
+    fn run(&self, b: &Batch) -> Result<Vec<Vec<f32>>, tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let shape = [b.rows as i64, b.cols as i64];
+        let ids = Tensor::from_slice(&b.input_ids).view(shape).to_device(self.device);
+        let mask = Tensor::from_slice(&b.attention_mask).view(shape).to_device(self.device);
+        let out = if self.with_types {
+            let zeros;
+            let types = match &b.token_type_ids {
+                Some(t) => Tensor::from_slice(t).view(shape).to_device(self.device),
+                None => {
+                    zeros = ids.zeros_like();
+                    zeros
+                }
+            };
+            self.module.forward_ts(&[ids, mask, types])?
+        } else {
+            self.module.forward_ts(&[ids, mask])?
+        };
+        let out = out.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        let dims = out.size()[1] as usize;
+        let flat: Vec<f32> = Vec::<f32>::try_from(out.view([-1]))?;
+        Ok(flat.chunks(dims).map(|c| c.to_vec()).collect())
+    }
+}
+
+impl Backend for TorchBackend {
+    fn on_start(&mut self) {
+        // OpenMP thread counts are per calling thread: set them on the thread that runs the model.
+        let n = set_threads(self.threads);
+        tracing::debug!(threads = n, "model thread started");
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, String> {
+        if batch.rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.run(batch).map_err(|e| e.to_string())
+    }
+}
