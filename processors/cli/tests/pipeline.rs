@@ -422,7 +422,7 @@ async fn sink_survives_a_database_outage_without_loss() {
     let mut proxy = Outage::start(real.clone()).await;
     let session = scylla::client::session_builder::SessionBuilder::new()
         .known_node_addr(proxy.addr)
-        .address_translator(Arc::new(HashMap::from([(real_addr, proxy.addr)])))
+        .address_translator(Arc::new(HashMap::from([(real_addr, proxy.addr), (proxy.addr, proxy.addr)])))
         .build()
         .await
         .unwrap();

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use apache_avro::from_avro_datum;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
 use schema_registry_converter::error::SRCError;
@@ -141,7 +140,9 @@ impl Codec {
             }
         };
         let mut body = &bytes[5..];
-        let value = from_avro_datum(&writer.parsed, &mut body, Some(E::schema()))
+        // The one-call form resolves writer against reader schema; its builder replacement adds nothing here.
+        #[allow(deprecated)]
+        let value = apache_avro::from_avro_datum(&writer.parsed, &mut body, Some(E::schema()))
             .map_err(|e| poison(PoisonKind::Undecodable, e.to_string(), Some(id)))?;
         let event = avro::from_value::<E>(value).map_err(|e| poison(PoisonKind::InvalidField, e.to_string(), Some(id)))?;
         Ok(Decoded { event, schema_id: id })

@@ -182,12 +182,14 @@ pub mod avro {
     }
 
     /// Avro binary (no framing) of an event, for tests and tools.
+    #[allow(deprecated)]
     pub fn to_datum<E: Event>(event: &E) -> Result<Vec<u8>, apache_avro::Error> {
         apache_avro::to_avro_datum(E::schema(), to_value(event)?)
     }
 }
 
 #[cfg(test)]
+#[allow(deprecated)]
 mod tests {
     use super::*;
     use apache_avro::{from_avro_datum, to_avro_datum, types::Value};

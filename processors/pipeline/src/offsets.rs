@@ -30,6 +30,8 @@ impl OffsetTracker {
     /// A record was read and is now in flight.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
         let st = self.parts.entry((topic.to_string(), partition)).or_default();
+        // The first record read marks the position already committed: nothing to store yet.
+        st.stored.get_or_insert(offset);
         st.pending.insert(offset);
         st.highest = Some(st.highest.map_or(offset, |h| h.max(offset)));
     }

@@ -12,7 +12,10 @@
 //! Every write carries `USING TIMESTAMP <tagged_at in µs>`, so the newest tagging of an item
 //! wins whatever the order of arrival: a replayed older event never overwrites newer tags.
 //! Tags that an item no longer carries are deleted from `media_by_tag` with the same timestamp
-//! (deletes older than the row they target have no effect).
+//! (deletes older than the row they target have no effect), and an event older than the stored
+//! row is skipped, so its tags never reappear in `media_by_tag`. Limit: two different events of
+//! the same item written concurrently (both in flight at once) can leave a stale
+//! `media_by_tag` row for a tag only the older one carried; `media_tags` is always right.
 //!
 //! ## ScyllaDB notes
 //! The driver is shard-aware against ScyllaDB automatically (token- and shard-aware routing, no
@@ -210,7 +213,7 @@ impl TagWriter {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
-            read_tags: prep(format!("SELECT tags FROM {ks}.media_tags WHERE media_id = ?")).await?,
+            read_tags: prep(format!("SELECT tags, tagged_at FROM {ks}.media_tags WHERE media_id = ?")).await?,
             by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, media_id, score, tagged_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")).await?,
             unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND media_id = ?")).await?,
             permits: Semaphore::new(c.concurrency),
@@ -223,18 +226,22 @@ impl TagWriter {
         let _permit = self.permits.acquire().await.map_err(|e| WriteError(e.to_string()))?;
         let ts_us = e.tagged_at.saturating_mul(1000);
         let err = |what: &str, x: &dyn std::fmt::Display| WriteError(format!("{what}: {x}"));
-        let previous: HashSet<String> = self
+        let stored = self
             .session
             .execute_unpaged(&self.read_tags, (&e.media_id,))
             .await
             .map_err(|x| err("read previous tags", &x))?
             .into_rows_result()
             .map_err(|x| err("read previous tags", &x))?
-            .maybe_first_row::<(Option<HashMap<String, f32>>,)>()
-            .map_err(|x| err("read previous tags", &x))?
-            .and_then(|(m,)| m)
-            .map(|m| m.into_keys().collect())
-            .unwrap_or_default();
+            .maybe_first_row::<(Option<HashMap<String, f32>>, Option<CqlTimestamp>)>()
+            .map_err(|x| err("read previous tags", &x))?;
+        if let Some((_, Some(CqlTimestamp(newer)))) = &stored {
+            if *newer > e.tagged_at {
+                // A replay or a late, older event: the stored tags are newer and stay.
+                return Ok(());
+            }
+        }
+        let previous: HashSet<String> = stored.and_then(|(m, _)| m).map(|m| m.into_keys().collect()).unwrap_or_default();
         let tags: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
         let tagged_at = CqlTimestamp(e.tagged_at);
         let top = e.tags.first().map(|t| t.label.clone());

@@ -18,7 +18,7 @@
 //! - The model runs on its own OS thread, so inference never blocks the async runtime.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter};
@@ -325,7 +325,7 @@ async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     /// A fake model: output row = [first token id, row length without padding, batch rows].
     /// Records every batch it sees; optionally sleeps to emulate compute.
