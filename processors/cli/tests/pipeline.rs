@@ -130,8 +130,15 @@ impl Env {
 
     /// Read tagged events until `want` distinct media ids were seen (or the timeout).
     async fn collect_tagged(&self, c: &StreamConsumer, want: usize, timeout: Duration) -> (HashMap<String, MediaTagged>, usize) {
-        let deadline = Instant::now() + timeout;
         let mut seen = HashMap::new();
+        let total = self.collect_more(c, &mut seen, want, timeout).await;
+        (seen, total)
+    }
+
+    /// Add tagged events to `seen` until it holds `want` distinct media ids; returns how many
+    /// events were read (duplicates included).
+    async fn collect_more(&self, c: &StreamConsumer, seen: &mut HashMap<String, MediaTagged>, want: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
         let mut total = 0;
         while seen.len() < want && Instant::now() < deadline {
             if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
@@ -141,7 +148,7 @@ impl Env {
                 seen.insert(e.media_id.clone(), e);
             }
         }
-        (seen, total)
+        total
     }
 }
 
@@ -323,15 +330,16 @@ async fn restart_mid_stream_loses_nothing() {
     let out = env.consumer(&env.output);
     let (stop, task) = env.start_tagger(tagger.clone());
     // Let it work on part of the input, then stop it (SIGTERM path: drain, commit, exit).
-    let (first, _) = env.collect_tagged(&out, 150, Duration::from_secs(120)).await;
-    assert!(first.len() >= 150);
+    let mut seen = HashMap::new();
+    env.collect_more(&out, &mut seen, 150, Duration::from_secs(120)).await;
+    assert!(seen.len() >= 150);
     stop.cancel();
     let s1 = task.await.unwrap().unwrap();
     assert!(s1.processed < 600, "stopped mid-stream ({} processed)", s1.processed);
 
     let (stop, task) = env.start_tagger(tagger);
-    let (rest, _) = env.collect_tagged(&out, 600 - first.len(), Duration::from_secs(180)).await;
-    let all: HashSet<String> = first.keys().chain(rest.keys()).cloned().collect();
+    env.collect_more(&out, &mut seen, 600, Duration::from_secs(180)).await;
+    let all: HashSet<String> = seen.keys().cloned().collect();
     stop.cancel();
     let s2 = task.await.unwrap().unwrap();
     assert_eq!(all.len(), 600, "no item lost across the restart");
@@ -349,16 +357,17 @@ async fn a_second_tagger_joining_mid_stream_shares_the_partitions() {
     let out = env.consumer(&env.output);
     let (stop_a, task_a) = env.start_tagger(tagger.clone());
     futures::future::join_all(items[..200].iter().map(|i| env.send(&p, i))).await;
-    let (early, _) = env.collect_tagged(&out, 50, Duration::from_secs(60)).await;
-    assert!(early.len() >= 50);
+    let mut seen = HashMap::new();
+    env.collect_more(&out, &mut seen, 50, Duration::from_secs(60)).await;
+    assert!(seen.len() >= 50);
     let (stop_b, task_b) = env.start_tagger(tagger.clone());
     // Keep producing while the group rebalances.
     for chunk in items[200..].chunks(50) {
         futures::future::join_all(chunk.iter().map(|i| env.send(&p, i))).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (late, _) = env.collect_tagged(&out, 800 - early.len(), Duration::from_secs(240)).await;
-    let all: HashSet<String> = early.keys().chain(late.keys()).cloned().collect();
+    env.collect_more(&out, &mut seen, 800, Duration::from_secs(240)).await;
+    let all: HashSet<String> = seen.keys().cloned().collect();
     stop_a.cancel();
     stop_b.cancel();
     let a = task_a.await.unwrap().unwrap();

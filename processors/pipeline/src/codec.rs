@@ -81,11 +81,25 @@ impl std::fmt::Debug for Codec {
     }
 }
 
+/// Environment variable with registry credentials, `user:password` (Confluent's
+/// `basic.auth.user.info`; for Confluent Cloud: API key and secret).
+pub const REGISTRY_AUTH_ENV: &str = "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO";
+
+fn credentials() -> Option<(String, Option<String>)> {
+    let v = std::env::var(REGISTRY_AUTH_ENV).ok().filter(|v| !v.is_empty())?;
+    Some(match v.split_once(':') {
+        Some((u, p)) => (u.to_string(), Some(p.to_string())),
+        None => (v, None),
+    })
+}
+
 fn settings(url: &str) -> Result<SrSettings, CodecError> {
-    SrSettings::new_builder(url.trim_end_matches('/').to_string())
-        .set_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| CodecError::Incompatible(format!("bad SCHEMA_REGISTRY_URL '{url}': {e}")))
+    let mut b = SrSettings::new_builder(url.trim_end_matches('/').to_string());
+    b.set_timeout(Duration::from_secs(10));
+    if let Some((user, pass)) = credentials() {
+        b.set_basic_authorization(&user, pass.as_deref());
+    }
+    b.build().map_err(|e| CodecError::Incompatible(format!("bad SCHEMA_REGISTRY_URL '{url}': {e}")))
 }
 
 impl Codec {
@@ -166,10 +180,11 @@ impl Codec {
     /// Idempotent: registering an identical schema returns the existing id.
     pub async fn register(&self, subject: &str, avsc: &str, compatibility: &str) -> Result<u32, CodecError> {
         let url = format!("{}/config/{}", self.url, subject);
-        let resp = self
-            .http
-            .put(&url)
-            .json(&serde_json::json!({ "compatibility": compatibility }))
+        let mut req = self.http.put(&url).json(&serde_json::json!({ "compatibility": compatibility }));
+        if let Some((user, pass)) = credentials() {
+            req = req.basic_auth(user, pass);
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| CodecError::Unavailable(format!("PUT {url}: {e}")))?;

@@ -166,6 +166,7 @@ pub async fn run<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: 
         stop: CancellationToken::new(),
     });
     info!(processor = name, input = %spec.input, group = %spec.group, "started");
+    crate::telemetry::set_ready(true);
 
     let m = metrics();
     let mut summary = RunSummary::default();
@@ -246,6 +247,7 @@ pub async fn run<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: 
         }
     }
 
+    crate::telemetry::set_ready(false);
     // Drain: no more reads; finish what is in flight, up to the drain timeout.
     let deadline = tokio::time::Instant::now() + spec.drain_timeout;
     while !in_flight.is_empty() {

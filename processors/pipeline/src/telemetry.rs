@@ -69,10 +69,30 @@ pub fn render() -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// Serve `/metrics` and `/healthz` until the runtime stops.
+static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Mark the process ready (consuming) or not (starting, draining): `GET /readyz` follows it.
+pub fn set_ready(ready: bool) {
+    READY.store(ready, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (model loaded and consuming) until the
+/// runtime stops.
 pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<()> {
-    use axum::{routing::get, Router};
-    let app = Router::new().route("/metrics", get(|| async { render() })).route("/healthz", get(|| async { "ok" }));
+    use axum::{http::StatusCode, routing::get, Router};
+    let app = Router::new()
+        .route("/metrics", get(|| async { render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                if READY.load(std::sync::atomic::Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
     axum::serve(listener, app).await

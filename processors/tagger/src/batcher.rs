@@ -334,11 +334,24 @@ mod tests {
         seen: Arc<Mutex<Vec<(usize, usize)>>>,
         delay: Duration,
         fail_on: Option<i64>,
+        /// When set, every forward pass blocks until the gate is opened (`true`).
+        gate: Option<Arc<(Mutex<bool>, std::sync::Condvar)>>,
+    }
+
+    fn open(gate: &Arc<(Mutex<bool>, std::sync::Condvar)>) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 
     impl Backend for Fake {
         fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, String> {
             self.seen.lock().unwrap().push((b.rows, b.cols));
+            if let Some(g) = &self.gate {
+                let mut opened = g.0.lock().unwrap();
+                while !*opened {
+                    opened = g.1.wait(opened).unwrap();
+                }
+            }
             if !self.delay.is_zero() {
                 std::thread::sleep(self.delay);
             }
@@ -475,25 +488,30 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_callers_are_skipped() {
-        let fake = Fake { delay: Duration::from_millis(100), ..Default::default() };
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let fake = Fake { gate: Some(gate.clone()), ..Default::default() };
         let b = Batcher::spawn(fake.clone(), cfg(1, 10_000, 0, 64));
-        // Occupy the model.
+        // Occupy the model: it blocks until the gate opens.
         let busy = {
             let b = b.clone();
             tokio::spawn(async move { b.infer(vec![seq(1, 3)]).await })
         };
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        // These callers give up before the model is free.
+        while fake.seen.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // These callers give up while the model is busy.
         for i in 100..110 {
             let b = b.clone();
             let _ = tokio::time::timeout(Duration::from_millis(5), async move { b.infer(vec![seq(i, 3)]).await }).await;
         }
+        open(&gate);
         let out = b.infer(vec![seq(2, 3)]).await.unwrap();
         assert_eq!(out[0][0], 2.0);
         busy.await.unwrap().unwrap();
         let seen = fake.seen.lock().unwrap().len();
-        // 1 (busy) + at most 1 prepared while busy + 1 (last); the other cancelled ones skipped.
-        assert!(seen <= 3, "ran {seen} batches; cancelled requests were computed");
+        // The busy batch, the one batch already prepared in the slot while it ran, and the last
+        // request: the other nine cancelled requests were skipped.
+        assert_eq!(seen, 3, "ran {seen} batches; cancelled requests were computed");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
