@@ -186,15 +186,7 @@ pub async fn run<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: 
                             Done::Handled => { summary.processed += 1; m.records.with_label_values(&[name, "ok"]).inc(); }
                             Done::DeadLettered => { summary.dead_lettered += 1; m.records.with_label_values(&[name, "dlq"]).inc(); }
                         }
-                        let next = tracker.lock().unwrap().complete(&topic, partition, offset);
-                        if let Some(next) = next {
-                            let mut tpl = TopicPartitionList::new();
-                            tpl.add_partition_offset(&topic, partition, Offset::Offset(next))?;
-                            if let Err(e) = consumer.store_offsets(&tpl) {
-                                // The partition was revoked meanwhile: its new owner replays from the commit.
-                                debug!(processor = name, %topic, partition, error = %e, "offset not stored");
-                            }
-                        }
+                        mark_handled(&consumer, &tracker, &topic, partition, offset)?;
                     }
                     Err(e) => {
                         error!(processor = name, %topic, partition, offset, error = %e, "fatal error, stopping");
@@ -257,11 +249,7 @@ pub async fn run<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: 
                     Done::Handled => summary.processed += 1,
                     Done::DeadLettered => summary.dead_lettered += 1,
                 }
-                if let Some(next) = tracker.lock().unwrap().complete(&topic, partition, offset) {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition_offset(&topic, partition, Offset::Offset(next))?;
-                    let _ = consumer.store_offsets(&tpl);
-                }
+                mark_handled(&consumer, &tracker, &topic, partition, offset)?;
             }
             Ok(Some((_, _, _, _, Err(e)))) => {
                 fatal.get_or_insert(anyhow::anyhow!("{e}"));
@@ -286,6 +274,20 @@ pub async fn run<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: 
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// A record is fully handled: store its partition's new watermark, if it advanced.
+fn mark_handled(consumer: &StreamConsumer<Ctx>, tracker: &Mutex<OffsetTracker>, topic: &str, partition: i32, offset: i64) -> anyhow::Result<()> {
+    let next = tracker.lock().unwrap().complete(topic, partition, offset);
+    if let Some(next) = next {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile: its new owner replays from the last commit.
+            debug!(%topic, partition, error = %e, "offset not stored");
+        }
+    }
+    Ok(())
 }
 
 /// Handle one record end to end: decode, process, produce outputs, or dead-letter.

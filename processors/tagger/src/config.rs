@@ -40,7 +40,8 @@ fn default_device() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingSpec {
-    /// Prompt templates; `{label}` and `{description}` are substituted. Several are averaged.
+    /// Prompt templates; `{label}` is the label's name; a template with `{description}` yields
+    /// one prompt per description (the name when there is none). All prompts are averaged.
     #[serde(default = "default_templates")]
     pub templates: Vec<String>,
     /// Softmax temperature over cosines (single-label). Lower = peakier scores.
@@ -171,6 +172,17 @@ pub struct LabelSpec {
     /// Words describing it, used by prompt templates with `{description}`.
     #[serde(default)]
     pub description: Option<String>,
+    /// Several descriptions: a `{description}` template yields one prompt per description,
+    /// and the label's embedding is the mean of all its prompts (more phrasings, better recall).
+    #[serde(default)]
+    pub descriptions: Vec<String>,
+}
+
+impl LabelSpec {
+    /// `description` and `descriptions` together.
+    pub fn all_descriptions(&self) -> Vec<String> {
+        self.description.iter().chain(&self.descriptions).cloned().collect()
+    }
 }
 
 /// The `tagging:` section.

@@ -178,7 +178,7 @@ impl Tagger {
         };
         if tagger.nli.is_none() {
             let names: Vec<String> = tagger.cfg.labels.iter().map(|l| l.name.clone()).collect();
-            let descriptions: Vec<Option<String>> = tagger.cfg.labels.iter().map(|l| l.description.clone()).collect();
+            let descriptions: Vec<Vec<String>> = tagger.cfg.labels.iter().map(|l| l.all_descriptions()).collect();
             let vectors = tagger.embed_labels(&names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
             tagger.taxonomy = Labels { names, vectors };
         } else {
@@ -230,16 +230,27 @@ impl Tagger {
         Ok(Some(mean_pool(&rows)))
     }
 
-    async fn embed_labels(&self, names: &[String], descriptions: &[Option<String>]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
-        let templates = &self.cfg.embedding.templates;
-        let mut prompts = Vec::with_capacity(names.len() * templates.len());
-        for (name, desc) in names.iter().zip(descriptions) {
-            for t in templates {
-                prompts.push(t.replace("{label}", name).replace("{description}", desc.as_deref().unwrap_or(name)));
+    /// The prompts of one label: each template, once per description where it has
+    /// `{description}` (the label's name standing in when it has none).
+    pub fn label_prompts(&self, name: &str, descriptions: &[String]) -> Vec<String> {
+        let fallback = [name.to_string()];
+        let descs: &[String] = if descriptions.is_empty() { &fallback } else { descriptions };
+        let mut out = Vec::new();
+        for t in &self.cfg.embedding.templates {
+            if t.contains("{description}") {
+                out.extend(descs.iter().map(|d| t.replace("{label}", name).replace("{description}", d)));
+            } else {
+                out.push(t.replace("{label}", name));
             }
         }
-        let rows = self.embed_texts(&prompts).await?;
-        Ok(rows.chunks(templates.len()).map(|c| Arc::new(mean_pool(c))).collect())
+        out
+    }
+
+    async fn embed_labels(&self, names: &[String], descriptions: &[Vec<String>]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
+        let per_label: Vec<Vec<String>> = names.iter().zip(descriptions).map(|(n, d)| self.label_prompts(n, d)).collect();
+        let flat: Vec<String> = per_label.iter().flatten().cloned().collect();
+        let mut rows = self.embed_texts(&flat).await?.into_iter();
+        Ok(per_label.iter().map(|p| Arc::new(mean_pool(&rows.by_ref().take(p.len()).collect::<Vec<_>>()))).collect())
     }
 
     /// Label embeddings for an item's own candidate labels, through the LRU cache.
@@ -250,7 +261,7 @@ impl Tagger {
         };
         let missing: Vec<String> = labels.iter().zip(&out).filter(|(_, v)| v.is_none()).map(|(l, _)| l.clone()).collect();
         if !missing.is_empty() {
-            let descs = vec![None; missing.len()];
+            let descs = vec![Vec::new(); missing.len()];
             let vecs = self.embed_labels(&missing, &descs).await?;
             let mut cache = self.cache.lock().unwrap();
             let mut it = missing.iter().zip(vecs);
