@@ -201,24 +201,39 @@ async fn produce(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
             continue;
         }
         let item: InputLine = serde_json::from_str(line).with_context(|| format!("{} line {}: not a media item", a.file.display(), n + 1))?;
-        let event = item.into_event(&a.source);
         if a.rate > 0.0 {
-            let due = started + Duration::from_secs_f64(sent as f64 / a.rate);
-            tokio::time::sleep_until(due.into()).await;
+            // Pace: wait for this record's slot, completing earlier sends meanwhile.
+            let due = tokio::time::Instant::from(started + Duration::from_secs_f64(sent as f64 / a.rate));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => break,
+                    Some(r) = pending.next(), if !pending.is_empty() => {
+                        r??;
+                        bar.inc(1);
+                    }
+                }
+            }
         }
+        // Stamped when it is sent, not when the file was read.
+        let event = item.into_event(&a.source);
         let payload = codec.encode(&topic, &event).await?;
         let key = event.media_id.clone();
-        let producer = &producer;
-        let topic = &topic;
-        pending.push(async move { producer.send(FutureRecord::to(topic).key(&key).payload(&payload), Duration::from_secs(30)).await.map_err(|(e, _)| e) });
+        let producer = producer.clone();
+        let topic_name = topic.clone();
+        // Spawned so librdkafka gets the record now: a send future does nothing until polled.
+        pending.push(tokio::spawn(async move {
+            producer.send(FutureRecord::to(&topic_name).key(&key).payload(&payload), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+        }));
         sent += 1;
         while pending.len() >= 1000 {
-            pending.next().await.transpose()?;
+            if let Some(r) = pending.next().await {
+                r??;
+            }
             bar.inc(1);
         }
     }
     while let Some(r) = pending.next().await {
-        r?;
+        r??;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use streamoasis_pipeline::events::MediaKind;
 use streamoasis_pipeline::topology::{ConfigError, Topology};
 
 /// Which zero-shot strategy scores labels.
@@ -30,6 +33,31 @@ pub struct ModelSpec {
     /// Intra-op threads for the model; 0 = the cores available to the process.
     #[serde(default)]
     pub threads: usize,
+    /// `fp32` (`model.pt`) or `int8` (`model.int8.pt`: dynamic int8 linears, per-channel
+    /// weights; ~2x the items/s on VNNI CPUs for < 1 point of accuracy, see BENCHMARKS.md).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Numeric precision of the embedding model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Float32 weights and activations (`model.pt`).
+    #[default]
+    Fp32,
+    /// Dynamic int8 linear layers (`model.int8.pt`), CPU only.
+    Int8,
+}
+
+impl Precision {
+    /// The manifest's default file name for this precision.
+    pub fn default_file(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "model.pt",
+            Precision::Int8 => "model.int8.pt",
+        }
+    }
 }
 
 fn default_device() -> String {
@@ -56,6 +84,55 @@ pub struct EmbeddingSpec {
     /// Multi-label calibration scale.
     #[serde(default = "default_scale")]
     pub scale: f32,
+    /// Fitted multi-label calibration (replaces center/scale when present); see [`Calibration`].
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
+    /// Per media kind (`MOVIE`, `EPISODE`, `ARTICLE`, … as in the `kind` field): templates and
+    /// scoring for items of that kind. Kinds not listed use the settings above.
+    #[serde(default)]
+    pub kinds: std::collections::HashMap<MediaKind, KindSpec>,
+}
+
+/// Multi-label calibration fitted on a labelled calibration split
+/// (`benches/python/film_accuracy.py` prints one): the score of label `l` for an item is
+/// `sigmoid(slope_l * (cos_l - mean cos over the item's labels) + bias_l)`, an estimate of the
+/// probability that `l` applies, so a threshold (`min_score`) has the same meaning for every
+/// label. Labels without their own pair use `slope`/`bias`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    /// Slope for labels without their own pair.
+    pub slope: f32,
+    /// Bias for labels without their own pair.
+    pub bias: f32,
+    /// `label: [slope, bias]` (the bias carries the label's prior).
+    #[serde(default)]
+    pub labels: BTreeMap<String, (f32, f32)>,
+}
+
+impl Calibration {
+    /// (slope, bias) for a label (exact name, then lower case).
+    pub fn pair(&self, label: &str) -> (f32, f32) {
+        self.labels.get(label).or_else(|| self.labels.get(&label.to_lowercase())).copied().unwrap_or((self.slope, self.bias))
+    }
+}
+
+/// Settings for the items of one media kind.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KindSpec {
+    /// Prompt templates (as `embedding.templates`), e.g. `"A film about {label}."`.
+    #[serde(default)]
+    pub templates: Option<Vec<String>>,
+    /// Independent per-label scores for this kind.
+    #[serde(default)]
+    pub multi_label: Option<bool>,
+    /// Fitted multi-label calibration for this kind.
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
+    /// Drop tags below this score for this kind (with a calibration: the fitted threshold).
+    #[serde(default)]
+    pub min_score: Option<f32>,
 }
 
 fn default_templates() -> Vec<String> {
@@ -73,7 +150,15 @@ fn default_scale() -> f32 {
 
 impl Default for EmbeddingSpec {
     fn default() -> Self {
-        EmbeddingSpec { templates: default_templates(), temperature: default_temperature(), multi_label: false, center: default_center(), scale: default_scale() }
+        EmbeddingSpec {
+            templates: default_templates(),
+            temperature: default_temperature(),
+            multi_label: false,
+            center: default_center(),
+            scale: default_scale(),
+            calibration: None,
+            kinds: std::collections::HashMap::new(),
+        }
     }
 }
 
@@ -148,6 +233,26 @@ pub struct TextSpec {
     /// Tokens shared by consecutive windows.
     #[serde(default = "default_stride")]
     pub stride: usize,
+    /// Where the windows go when the text needs more than `max_windows`: `spread` (evenly from
+    /// the beginning to the end of the text) or `head` (the first ones only).
+    #[serde(default)]
+    pub placement: Placement,
+    /// Adaptive compute: when > 0, an item with a transcript is first scored on its title and
+    /// description alone; the transcript's windows are read only when the top-2 score margin
+    /// is below this. 0 = always read the windows.
+    #[serde(default)]
+    pub adaptive_margin: f32,
+}
+
+/// Window placement over long text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Spread over the whole text.
+    #[default]
+    Spread,
+    /// Consecutive windows from the start.
+    Head,
 }
 
 fn default_windows() -> usize {
@@ -159,7 +264,7 @@ fn default_stride() -> usize {
 
 impl Default for TextSpec {
     fn default() -> Self {
-        TextSpec { max_tokens: 0, max_windows: default_windows(), stride: default_stride() }
+        TextSpec { max_tokens: 0, max_windows: default_windows(), stride: default_stride(), placement: Placement::default(), adaptive_margin: 0.0 }
     }
 }
 
@@ -200,7 +305,8 @@ pub struct TaggingSpec {
     /// NLI-strategy settings (required when strategy is nli).
     #[serde(default)]
     pub nli: Option<NliSpec>,
-    /// How many tags to emit per item (highest scores).
+    /// How many tags to emit per item (highest scores); 0 = every label above `min_score`.
+    /// Every candidate's score is in `TagResult::scores` regardless.
     #[serde(default = "default_top_k")]
     pub top_k: usize,
     /// Multi-label: drop tags below this score.
@@ -215,6 +321,11 @@ pub struct TaggingSpec {
     /// Windowing of long text.
     #[serde(default)]
     pub text: TextSpec,
+    /// Languages the model reads (BCP 47 primary subtags). Items whose `language` is another,
+    /// or whose text is mostly in a non-Latin script, get no tags and
+    /// `no_tags_reason: unsupported_language` instead of a silent guess. Empty = tag everything.
+    #[serde(default = "default_languages")]
+    pub languages: Vec<String>,
     /// Dynamic batching.
     #[serde(default)]
     pub batching: BatchingSpec,
@@ -222,6 +333,9 @@ pub struct TaggingSpec {
     pub labels: Vec<LabelSpec>,
 }
 
+fn default_languages() -> Vec<String> {
+    vec!["en".into()]
+}
 fn default_top_k() -> usize {
     3
 }
@@ -247,6 +361,18 @@ impl TaggingSpec {
         Ok(spec)
     }
 
+    /// The effective settings for items of a kind.
+    pub fn for_kind(&self, kind: MediaKind) -> KindSettings<'_> {
+        let k = self.embedding.kinds.get(&kind);
+        KindSettings {
+            templates: k.and_then(|k| k.templates.as_deref()).unwrap_or(&self.embedding.templates),
+            multi_label: k.and_then(|k| k.multi_label).unwrap_or(self.embedding.multi_label),
+            calibration: k.and_then(|k| k.calibration.as_ref()).or(self.embedding.calibration.as_ref()),
+            min_score: k.and_then(|k| k.min_score).unwrap_or(self.min_score),
+            own_templates: k.is_some_and(|k| k.templates.is_some()),
+        }
+    }
+
     /// Pure cross-field checks.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let err = |key: &str, msg: String| Err(ConfigError::new(format!("{origin}: tagging.{key}"), msg));
@@ -265,11 +391,18 @@ impl TaggingSpec {
                 return err(&format!("labels[{i}].name"), format!("label '{}' is listed twice", l.name));
             }
         }
-        if self.top_k == 0 {
-            return err("top_k", "must be >= 1".into());
-        }
-        if self.embedding.templates.is_empty() || self.embedding.templates.iter().any(|t| !t.contains("{label}") && !t.contains("{description}")) {
+        let bad_templates = |ts: &[String]| ts.is_empty() || ts.iter().any(|t| !t.contains("{label}") && !t.contains("{description}"));
+        if bad_templates(&self.embedding.templates) {
             return err("embedding.templates", "need at least one template, each containing {label} or {description}".into());
+        }
+        for (kind, k) in &self.embedding.kinds {
+            let key = format!("embedding.kinds.{}", kind_symbol(*kind));
+            if k.templates.as_deref().is_some_and(bad_templates) {
+                return err(&format!("{key}.templates"), "need at least one template, each containing {label} or {description}".into());
+            }
+            if k.min_score.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+                return err(&format!("{key}.min_score"), "must be within 0..1".into());
+            }
         }
         if self.embedding.temperature <= 0.0 || self.embedding.scale <= 0.0 {
             return err("embedding.temperature", "temperature and scale must be > 0".into());
@@ -290,6 +423,9 @@ impl TaggingSpec {
         if b.queue_capacity < b.max_batch_size {
             return err("batching.queue_capacity", format!("({}) must be >= tagging.batching.max_batch_size ({})", b.queue_capacity, b.max_batch_size));
         }
+        if !(0.0..=1.0).contains(&self.text.adaptive_margin) {
+            return err("text.adaptive_margin", format!("{} must be within 0..1 (0 = off)", self.text.adaptive_margin));
+        }
         if self.text.max_windows == 0 {
             return err("text.max_windows", "must be >= 1".into());
         }
@@ -307,4 +443,24 @@ impl TaggingSpec {
         }
         Ok(())
     }
+}
+
+/// `MOVIE`, `EPISODE`, … (the Avro symbol of a kind).
+pub fn kind_symbol(kind: MediaKind) -> String {
+    serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{kind:?}"))
+}
+
+/// What [`TaggingSpec::for_kind`] resolves for one kind.
+#[derive(Debug, Clone, Copy)]
+pub struct KindSettings<'a> {
+    /// Prompt templates.
+    pub templates: &'a [String],
+    /// Independent per-label scores.
+    pub multi_label: bool,
+    /// Fitted calibration, if any.
+    pub calibration: Option<&'a Calibration>,
+    /// Threshold.
+    pub min_score: f32,
+    /// Whether the kind has templates of its own (else the label vectors are shared).
+    pub own_templates: bool,
 }

@@ -32,6 +32,27 @@ pub struct Manifest {
     /// Index of the entailment logit (NLI models).
     #[serde(default)]
     pub entailment_index: Option<usize>,
+    /// Module file per precision (`fp32`, `int8`); absent = `model.pt` only.
+    #[serde(default)]
+    pub precisions: std::collections::BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// The module file for a precision, or why there is none.
+    pub fn module_file(&self, dir: &Path, p: crate::config::Precision) -> Result<String, LoadError> {
+        let key = match p {
+            crate::config::Precision::Fp32 => "fp32",
+            crate::config::Precision::Int8 => "int8",
+        };
+        match self.precisions.get(key) {
+            Some(f) => Ok(f.clone()),
+            None if p == crate::config::Precision::Fp32 => Ok(p.default_file().into()),
+            None => Err(LoadError::Missing {
+                path: dir.join("manifest.json"),
+                message: format!("tagging.model.precision is {key} but this export has no {key} module (re-export with scripts/setup, which writes model.int8.pt, or set precision: fp32)"),
+            }),
+        }
+    }
 }
 
 /// Why a model could not be loaded; messages say how to fix it.
@@ -88,6 +109,49 @@ impl TextEncoder {
         }
     }
 
+    /// Windows over the whole text: when it needs more than `max_windows` windows, the
+    /// `max_windows` windows are spread evenly from its beginning to its end (first and last
+    /// included) instead of covering only the head. Otherwise as [`TextEncoder::windows`].
+    pub fn windows_spread(&self, text: &str, max_windows: usize, stride: usize) -> Vec<Seq> {
+        let body = self.max_tokens.saturating_sub(2).max(1);
+        let step = body.saturating_sub(stride).max(1);
+        // Read up to ~64k tokens of text (a two-hour transcript); beyond, the tail is ignored.
+        let ids = self.content_ids(text, 64 * 1024 * 8);
+        let needed = if ids.len() <= body { 1 } else { (ids.len() - body).div_ceil(step) + 1 };
+        if needed <= max_windows || max_windows == 1 {
+            return self.windows_of(&ids, body, step, max_windows);
+        }
+        let last = ids.len() - body;
+        (0..max_windows)
+            .map(|k| {
+                let start = last * k / (max_windows - 1);
+                self.wrap(&ids[start..start + body])
+            })
+            .collect()
+    }
+
+    fn wrap(&self, content: &[i64]) -> Seq {
+        let mut seq = Vec::with_capacity(content.len() + 2);
+        seq.push(self.cls);
+        seq.extend_from_slice(content);
+        seq.push(self.sep);
+        Seq::new(seq)
+    }
+
+    fn windows_of(&self, ids: &[i64], body: usize, step: usize, max_windows: usize) -> Vec<Seq> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < ids.len() && out.len() < max_windows {
+            let end = (start + body).min(ids.len());
+            out.push(self.wrap(&ids[start..end]));
+            if end == ids.len() {
+                break;
+            }
+            start += step;
+        }
+        out
+    }
+
     /// Split text into at most `max_windows` windows of `max_tokens` (specials included),
     /// consecutive windows sharing `stride` tokens. Empty text gives no windows.
     pub fn windows(&self, text: &str, max_windows: usize, stride: usize) -> Vec<Seq> {
@@ -97,21 +161,7 @@ impl TextEncoder {
         // wordpieces, so this never cuts text that the windows would have covered.
         let max_chars = (body + step * max_windows.saturating_sub(1)) * 8;
         let ids = self.content_ids(text, max_chars);
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < ids.len() && out.len() < max_windows {
-            let end = (start + body).min(ids.len());
-            let mut seq = Vec::with_capacity(end - start + 2);
-            seq.push(self.cls);
-            seq.extend_from_slice(&ids[start..end]);
-            seq.push(self.sep);
-            out.push(Seq::new(seq));
-            if end == ids.len() {
-                break;
-            }
-            start += step;
-        }
-        out
+        self.windows_of(&ids, body, step, max_windows)
     }
 
     /// `[CLS] premise [SEP] hypothesis [SEP]` with segment ids, truncating only the premise.
@@ -169,7 +219,12 @@ impl TorchBackend {
     /// Load `model.pt` on a device, in eval mode.
     /// `threads` = intra-op threads, set on the model thread (0 = available cores).
     pub fn load(dir: &Path, device: Device, with_types: bool, threads: usize) -> Result<Self, LoadError> {
-        let path = dir.join("model.pt");
+        Self::load_file(dir, "model.pt", device, with_types, threads)
+    }
+
+    /// Load a given module file of a model folder (e.g. `model.int8.pt`).
+    pub fn load_file(dir: &Path, file: &str, device: Device, with_types: bool, threads: usize) -> Result<Self, LoadError> {
+        let path = dir.join(file);
         if !path.exists() {
             return Err(LoadError::Missing { path, message: "not found".into() });
         }

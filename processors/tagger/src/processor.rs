@@ -28,6 +28,8 @@ pub fn request_of(item: &MediaIngested) -> TagRequest {
         description: item.description.clone(),
         transcript: item.transcript.clone(),
         candidate_labels: item.candidate_labels.clone(),
+        kind: item.kind,
+        language: item.language.clone(),
     }
 }
 

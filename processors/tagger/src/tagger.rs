@@ -1,13 +1,14 @@
 //! Zero-shot tagging: text in, ranked tags out, through the batcher.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
-use streamoasis_pipeline::events::{ModelRef, Strategy, Tag};
+use streamoasis_pipeline::events::{MediaKind, ModelRef, Strategy, Tag};
 
 use crate::batcher::{BatchError, Batcher, BatcherConfig, Seq};
-use crate::config::{StrategyKind, TaggerConfig};
+use crate::config::{kind_symbol, Calibration, KindSettings, Placement, StrategyKind, TaggerConfig};
 use crate::model::{parse_device, read_manifest, LoadError, Manifest, TextEncoder, TorchBackend};
 
 /// The text of one item.
@@ -21,6 +22,10 @@ pub struct TagRequest {
     pub transcript: Option<String>,
     /// Per-item labels replacing the taxonomy.
     pub candidate_labels: Option<Vec<String>>,
+    /// Kind of media (chooses the prompt templates and scoring of `tagging.embedding.kinds`).
+    pub kind: MediaKind,
+    /// BCP 47 language tag, if known (see `tagging.languages`).
+    pub language: Option<String>,
 }
 
 impl TagRequest {
@@ -33,13 +38,39 @@ impl TagRequest {
         parts.retain(|p| !p.is_empty());
         parts.join("\n")
     }
+
+    /// Title and description only (the cheap first look of adaptive compute).
+    pub fn lead(&self) -> String {
+        let mut parts: Vec<&str> = vec![self.title.trim()];
+        if let Some(d) = &self.description {
+            parts.push(d.trim());
+        }
+        parts.retain(|p| !p.is_empty());
+        parts.join("\n")
+    }
+}
+
+/// Whether most letters of `text` are in a script other than Latin (a cheap guard for items
+/// without a `language` field; Greek/Cyrillic/CJK/Arabic/… text is not English).
+pub fn mostly_non_latin(text: &str) -> bool {
+    let (mut latin, mut other) = (0usize, 0usize);
+    for c in text.chars().take(2000).filter(|c| c.is_alphabetic()) {
+        if (c as u32) < 0x250 || ('\u{1E00}'..='\u{1EFF}').contains(&c) {
+            latin += 1;
+        } else {
+            other += 1;
+        }
+    }
+    other > latin
 }
 
 /// The tags of one item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TagResult {
-    /// Sorted by score, highest first.
+    /// Sorted by score, highest first: at most `top_k`, at least `min_score`.
     pub tags: Vec<Tag>,
+    /// Every candidate label's score, highest first (for ranking; not cut by top_k/min_score).
+    pub scores: Vec<Tag>,
     /// Why there are no tags, if there are none.
     pub no_tags_reason: Option<String>,
 }
@@ -77,6 +108,8 @@ pub struct Tagger {
     encoder: TextEncoder,
     batcher: Batcher,
     taxonomy: Labels,
+    /// Taxonomy vectors of kinds with their own templates.
+    kind_vectors: HashMap<MediaKind, Vec<Arc<Vec<f32>>>>,
     cache: Mutex<LruCache<String, Arc<Vec<f32>>>>,
     nli: Option<Nli>,
     model: ModelRef,
@@ -137,7 +170,8 @@ impl Tagger {
         let max_tokens = if cfg.text.max_tokens == 0 { manifest.max_seq_len } else { cfg.text.max_tokens.min(manifest.max_seq_len) };
         let encoder = TextEncoder::load(&cfg.model.path, max_tokens)?;
         let device = parse_device(&cfg.model.device)?;
-        let backend = TorchBackend::load(&cfg.model.path, device, false, cfg.model.threads)?;
+        let file = manifest.module_file(&cfg.model.path, cfg.model.precision)?;
+        let backend = TorchBackend::load_file(&cfg.model.path, &file, device, false, cfg.model.threads)?;
         let batcher = Batcher::spawn(backend, batcher_config(&cfg));
         let model = ModelRef { name: manifest.name.clone(), version: manifest.version.clone() };
 
@@ -169,6 +203,7 @@ impl Tagger {
         let mut tagger = Tagger {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cfg.label_cache.max(1)).unwrap())),
             taxonomy: Labels { names: vec![], vectors: vec![] },
+            kind_vectors: HashMap::new(),
             encoder,
             batcher,
             nli,
@@ -179,7 +214,14 @@ impl Tagger {
         if tagger.nli.is_none() {
             let names: Vec<String> = tagger.cfg.labels.iter().map(|l| l.name.clone()).collect();
             let descriptions: Vec<Vec<String>> = tagger.cfg.labels.iter().map(|l| l.all_descriptions()).collect();
-            let vectors = tagger.embed_labels(&names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
+            let base = tagger.cfg.embedding.templates.clone();
+            let vectors = tagger.embed_labels(&base, &names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
+            let kinds: Vec<(MediaKind, Vec<String>)> =
+                tagger.cfg.embedding.kinds.iter().filter_map(|(k, s)| s.templates.clone().map(|t| (*k, t))).collect();
+            for (kind, templates) in kinds {
+                let v = tagger.embed_labels(&templates, &names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy for {}: {e}", kind_symbol(kind))))?;
+                tagger.kind_vectors.insert(kind, v);
+            }
             tagger.taxonomy = Labels { names, vectors };
         } else {
             tagger.taxonomy = Labels { names: tagger.cfg.labels.iter().map(|l| l.name.clone()).collect(), vectors: vec![] };
@@ -222,7 +264,11 @@ impl Tagger {
 
     /// Embed a whole text: windows, pooled (mean, renormalised). `None` for empty text.
     pub async fn embed_document(&self, text: &str) -> Result<Option<Vec<f32>>, BatchError> {
-        let windows = self.encoder.windows(text, self.cfg.text.max_windows, self.cfg.text.stride);
+        let t = &self.cfg.text;
+        let windows = match t.placement {
+            Placement::Spread => self.encoder.windows_spread(text, t.max_windows, t.stride),
+            Placement::Head => self.encoder.windows(text, t.max_windows, t.stride),
+        };
         if windows.is_empty() {
             return Ok(None);
         }
@@ -233,10 +279,49 @@ impl Tagger {
     /// The prompts of one label: each template, once per description where it has
     /// `{description}` (the label's name standing in when it has none).
     pub fn label_prompts(&self, name: &str, descriptions: &[String]) -> Vec<String> {
+        label_prompts_with(&self.cfg.embedding.templates, name, descriptions)
+    }
+
+    async fn embed_labels(&self, templates: &[String], names: &[String], descriptions: &[Vec<String>]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
+        let per_label: Vec<Vec<String>> = names.iter().zip(descriptions).map(|(n, d)| label_prompts_with(templates, n, d)).collect();
+        let flat: Vec<String> = per_label.iter().flatten().cloned().collect();
+        let mut rows = self.embed_texts(&flat).await?.into_iter();
+        Ok(per_label.iter().map(|p| Arc::new(mean_pool(&rows.by_ref().take(p.len()).collect::<Vec<_>>()))).collect())
+    }
+
+    /// Label embeddings for an item's own candidate labels, through the LRU cache (keyed by
+    /// the kind when the kind has its own templates).
+    async fn candidate_vectors(&self, kind: MediaKind, labels: &[String]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
+        let ks = self.cfg.for_kind(kind);
+        let prefix = if ks.own_templates { kind_symbol(kind) } else { String::new() };
+        let key = |l: &str| format!("{prefix}\u{1f}{l}");
+        let mut out: Vec<Option<Arc<Vec<f32>>>> = {
+            let mut cache = self.cache.lock().unwrap();
+            labels.iter().map(|l| cache.get(&key(l)).cloned()).collect()
+        };
+        let missing: Vec<String> = labels.iter().zip(&out).filter(|(_, v)| v.is_none()).map(|(l, _)| l.clone()).collect();
+        if !missing.is_empty() {
+            let descs = vec![Vec::new(); missing.len()];
+            let vecs = self.embed_labels(ks.templates, &missing, &descs).await?;
+            let mut cache = self.cache.lock().unwrap();
+            let mut it = missing.iter().zip(vecs);
+            for slot in out.iter_mut().filter(|s| s.is_none()) {
+                let (name, v) = it.next().expect("one vector per missing label");
+                cache.put(key(name), v.clone());
+                *slot = Some(v);
+            }
+        }
+        Ok(out.into_iter().map(|v| v.expect("filled")).collect())
+    }
+}
+
+/// The prompts of one label for a template set (see [`Tagger::label_prompts`]).
+pub fn label_prompts_with(templates: &[String], name: &str, descriptions: &[String]) -> Vec<String> {
+    {
         let fallback = [name.to_string()];
         let descs: &[String] = if descriptions.is_empty() { &fallback } else { descriptions };
         let mut out = Vec::new();
-        for t in &self.cfg.embedding.templates {
+        for t in templates {
             if t.contains("{description}") {
                 out.extend(descs.iter().map(|d| t.replace("{label}", name).replace("{description}", d)));
             } else {
@@ -245,35 +330,9 @@ impl Tagger {
         }
         out
     }
+}
 
-    async fn embed_labels(&self, names: &[String], descriptions: &[Vec<String>]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
-        let per_label: Vec<Vec<String>> = names.iter().zip(descriptions).map(|(n, d)| self.label_prompts(n, d)).collect();
-        let flat: Vec<String> = per_label.iter().flatten().cloned().collect();
-        let mut rows = self.embed_texts(&flat).await?.into_iter();
-        Ok(per_label.iter().map(|p| Arc::new(mean_pool(&rows.by_ref().take(p.len()).collect::<Vec<_>>()))).collect())
-    }
-
-    /// Label embeddings for an item's own candidate labels, through the LRU cache.
-    async fn candidate_vectors(&self, labels: &[String]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
-        let mut out: Vec<Option<Arc<Vec<f32>>>> = {
-            let mut cache = self.cache.lock().unwrap();
-            labels.iter().map(|l| cache.get(l).cloned()).collect()
-        };
-        let missing: Vec<String> = labels.iter().zip(&out).filter(|(_, v)| v.is_none()).map(|(l, _)| l.clone()).collect();
-        if !missing.is_empty() {
-            let descs = vec![Vec::new(); missing.len()];
-            let vecs = self.embed_labels(&missing, &descs).await?;
-            let mut cache = self.cache.lock().unwrap();
-            let mut it = missing.iter().zip(vecs);
-            for slot in out.iter_mut().filter(|s| s.is_none()) {
-                let (name, v) = it.next().expect("one vector per missing label");
-                cache.put(name.clone(), v.clone());
-                *slot = Some(v);
-            }
-        }
-        Ok(out.into_iter().map(|v| v.expect("filled")).collect())
-    }
-
+impl Tagger {
     /// Check an item's candidate labels: non-empty, within max_labels, no blank names.
     /// Duplicates are removed, order kept.
     pub fn check_candidates(&self, labels: &[String]) -> Result<Vec<String>, TagError> {
@@ -300,6 +359,20 @@ impl Tagger {
         Ok(out)
     }
 
+    /// Whether an item is in a language the model does not read (`tagging.languages`).
+    pub fn unsupported_language(&self, req: &TagRequest, text: &str) -> Option<String> {
+        if self.cfg.languages.is_empty() {
+            return None;
+        }
+        match req.language.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+            Some(lang) => {
+                let primary = lang.split(['-', '_']).next().unwrap_or(lang).to_lowercase();
+                (!self.cfg.languages.iter().any(|l| l.eq_ignore_ascii_case(&primary))).then(|| primary)
+            }
+            None => mostly_non_latin(text).then(|| "non-latin script".to_string()),
+        }
+    }
+
     /// Tag one item.
     pub async fn tag(&self, req: &TagRequest) -> Result<TagResult, TagError> {
         let labels = match &req.candidate_labels {
@@ -308,38 +381,73 @@ impl Tagger {
         };
         let text = req.text();
         if text.trim().is_empty() {
-            return Ok(TagResult { tags: vec![], no_tags_reason: Some("empty_text".into()) });
+            return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()) });
+        }
+        if let Some(lang) = self.unsupported_language(req, &text) {
+            tracing::debug!(language = %lang, "item not tagged: unsupported language");
+            return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("unsupported_language".into()) });
         }
         let names: Vec<String> = labels.clone().unwrap_or_else(|| self.taxonomy.names.clone());
+        let ks = self.cfg.for_kind(req.kind);
         let scores = match &self.nli {
             Some(nli) => self.nli_scores(nli, &text, &names).await?,
             None => {
-                let Some(doc) = self.embed_document(&text).await? else {
-                    return Ok(TagResult { tags: vec![], no_tags_reason: Some("empty_text".into()) });
-                };
                 let vectors = match &labels {
-                    Some(l) => self.candidate_vectors(l).await?,
-                    None => self.taxonomy.vectors.clone(),
+                    Some(l) => self.candidate_vectors(req.kind, l).await?,
+                    None => match self.kind_vectors.get(&req.kind) {
+                        Some(v) => v.clone(),
+                        None => self.taxonomy.vectors.clone(),
+                    },
                 };
-                let cos: Vec<f32> = vectors.iter().map(|v| dot(&doc, v)).collect();
-                let e = &self.cfg.embedding;
-                if e.multi_label {
-                    cos.iter().map(|c| sigmoid((c - e.center) / e.scale)).collect()
-                } else {
-                    softmax(&cos.iter().map(|c| c / e.temperature).collect::<Vec<_>>())
+                let margin = self.cfg.text.adaptive_margin;
+                let has_more = req.transcript.as_deref().is_some_and(|t| !t.trim().is_empty());
+                let mut scored = None;
+                if margin > 0.0 && has_more {
+                    let lead = req.lead();
+                    if let Some(doc) = self.embed_document(&lead).await? {
+                        let s = self.score(&doc, &vectors, &names, ks);
+                        if top2_margin(&s) >= margin {
+                            scored = Some(s);
+                        }
+                    }
+                }
+                match scored {
+                    Some(s) => s,
+                    None => {
+                        let Some(doc) = self.embed_document(&text).await? else {
+                            return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()) });
+                        };
+                        self.score(&doc, &vectors, &names, ks)
+                    }
                 }
             }
         };
-        Ok(self.rank(&names, &scores))
+        Ok(self.rank(&names, &scores, ks.min_score))
     }
 
-    fn rank(&self, names: &[String], scores: &[f32]) -> TagResult {
-        let mut tags: Vec<Tag> = names.iter().zip(scores).map(|(l, &s)| Tag { label: l.clone(), score: s }).collect();
-        tags.sort_by(|a, b| b.score.total_cmp(&a.score));
-        tags.retain(|t| t.score >= self.cfg.min_score);
-        tags.truncate(self.cfg.top_k);
+    fn score(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], ks: KindSettings<'_>) -> Vec<f32> {
+        let cos: Vec<f32> = vectors.iter().map(|v| dot(doc, v)).collect();
+        let e = &self.cfg.embedding;
+        if ks.multi_label {
+            match ks.calibration {
+                Some(c) => calibrated(&cos, names, c),
+                None => cos.iter().map(|c| sigmoid((c - e.center) / e.scale)).collect(),
+            }
+        } else {
+            softmax(&cos.iter().map(|c| c / e.temperature).collect::<Vec<_>>())
+        }
+    }
+
+    fn rank(&self, names: &[String], scores: &[f32], min_score: f32) -> TagResult {
+        let mut all: Vec<Tag> = names.iter().zip(scores).map(|(l, &s)| Tag { label: l.clone(), score: s }).collect();
+        all.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let mut tags = all.clone();
+        tags.retain(|t| t.score >= min_score);
+        if self.cfg.top_k > 0 {
+            tags.truncate(self.cfg.top_k);
+        }
         let reason = tags.is_empty().then(|| "below_min_score".to_string());
-        TagResult { tags, no_tags_reason: reason }
+        TagResult { tags, scores: all, no_tags_reason: reason }
     }
 
     /// Scores with the semantics of the transformers zero-shot-classification pipeline.
@@ -352,6 +460,32 @@ impl Tagger {
         let logits = nli.batcher.infer(seqs).await?;
         Ok(nli_pipeline_scores(&logits, nli.entailment, nli.contradiction, nli.multi_label))
     }
+}
+
+/// Difference between the two highest scores (1 when there is one label).
+fn top2_margin(scores: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &s in scores {
+        if s > a {
+            b = a;
+            a = s;
+        } else if s > b {
+            b = s;
+        }
+    }
+    if b.is_finite() { a - b } else { 1.0 }
+}
+
+/// Calibrated multi-label scores: `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label.
+pub fn calibrated(cos: &[f32], names: &[String], c: &Calibration) -> Vec<f32> {
+    let mean = cos.iter().sum::<f32>() / cos.len().max(1) as f32;
+    cos.iter()
+        .zip(names)
+        .map(|(x, n)| {
+            let (a, b) = c.pair(n);
+            sigmoid(a * (x - mean) + b)
+        })
+        .collect()
 }
 
 /// `logits[label][class]` → one score per label, as the transformers pipeline computes them:
@@ -371,9 +505,27 @@ mod tests {
 
     #[test]
     fn text_joins_present_parts_in_order() {
-        let r = TagRequest { title: " T ".into(), description: Some("".into()), transcript: Some("body".into()), candidate_labels: None };
+        let r = TagRequest { title: " T ".into(), description: Some("".into()), transcript: Some("body".into()), ..Default::default() };
         assert_eq!(r.text(), "T\nbody");
         assert_eq!(TagRequest::default().text(), "");
+    }
+
+    #[test]
+    fn script_heuristic_flags_non_latin_text() {
+        assert!(mostly_non_latin("東京で新しいスマートフォンが発売された"));
+        assert!(mostly_non_latin("Новый смартфон поступил в продажу"));
+        assert!(!mostly_non_latin("Café owners in Zürich complain about rent"));
+        assert!(!mostly_non_latin("12345 !!"));
+    }
+
+    #[test]
+    fn calibration_uses_per_label_pairs_and_the_item_mean() {
+        let c = Calibration { slope: 10.0, bias: -1.0, labels: [("drama".to_string(), (10.0, 1.0))].into_iter().collect() };
+        let s = calibrated(&[0.5, 0.5], &["Drama".into(), "western".into()], &c);
+        assert!((s[0] - sigmoid(1.0)).abs() < 1e-6, "{s:?}");
+        assert!((s[1] - sigmoid(-1.0)).abs() < 1e-6, "{s:?}");
+        assert!((top2_margin(&[0.1, 0.7, 0.4]) - 0.3).abs() < 1e-6);
+        assert_eq!(top2_margin(&[0.2]), 1.0);
     }
 
     #[test]

@@ -1,0 +1,136 @@
+//! int8 precision, per-kind templates and calibrated multi-label scores, language flags and
+//! windows over the whole text, on the exported model (scripts/setup writes models/).
+
+use std::path::PathBuf;
+
+use streamoasis_pipeline::events::MediaKind;
+use streamoasis_tagger::model::TextEncoder;
+use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig};
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("STREAMOASIS_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+        .join("all-MiniLM-L6-v2")
+}
+
+fn parse(yaml: &str, precision: &str) -> Result<TaggerConfig, String> {
+    let text = format!("model: {{path: {}, threads: 2, precision: {precision}}}\n{yaml}", model_dir().display());
+    let cfg: TaggerConfig = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+    cfg.validate("test").map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+const NEWS: &str = "labels: [{name: business}, {name: sport}, {name: politics}, {name: technology}]";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_agrees_with_fp32() {
+    let fp32 = Tagger::load(parse(NEWS, "fp32").unwrap()).await.unwrap();
+    let int8 = Tagger::load(parse(NEWS, "int8").unwrap()).await.unwrap();
+    let texts: Vec<String> = [
+        "Striker scores twice as United win the cup final",
+        "Shares fall as the central bank raises interest rates",
+        "The prime minister faces a vote in parliament over the new tax plan",
+        "A new smartphone with a faster chip and a better camera goes on sale",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (a, b) = (fp32.embed_texts(&texts).await.unwrap(), int8.embed_texts(&texts).await.unwrap());
+    for ((x, y), t) in a.iter().zip(&b).zip(&texts) {
+        let c: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        assert!(c > 0.97, "int8 vs fp32 cosine {c} for {t:?}");
+    }
+    for (t, want) in texts.iter().zip(["sport", "business", "politics", "technology"]) {
+        let r = int8.tag(&TagRequest { title: t.clone(), ..Default::default() }).await.unwrap();
+        assert_eq!(r.tags[0].label, want, "{t:?}: {:?}", r.tags);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn movies_get_film_templates_and_calibrated_scores_for_every_candidate() {
+    let yaml = r#"
+embedding:
+  templates: ["A news story about {label}."]
+  kinds:
+    MOVIE:
+      templates: ["A film about {label}.", "A {label} film."]
+      multi_label: true
+      calibration: {slope: 15.0, bias: -2.0, labels: {drama: [15.0, 0.0]}}
+      min_score: 0.3
+top_k: 0
+labels: [{name: horror}, {name: comedy}, {name: western}, {name: drama}]
+"#;
+    let tagger = Tagger::load(parse(yaml, "fp32").unwrap()).await.unwrap();
+    let film = TagRequest {
+        title: "The Haunting of Blackwood Manor".into(),
+        description: Some("A family moves into an old house where a ghost and a demon terrorise them at night.".into()),
+        kind: MediaKind::Movie,
+        ..Default::default()
+    };
+    let r = tagger.tag(&film).await.unwrap();
+    assert_eq!(r.scores.len(), 4, "every candidate is scored: {:?}", r.scores);
+    assert_eq!(r.scores[0].label, "horror", "{:?}", r.scores);
+    assert!(r.scores.iter().all(|t| t.score > 0.0 && t.score < 1.0));
+    assert!(r.scores.windows(2).all(|w| w[0].score >= w[1].score));
+    // top_k 0: every tag at or above the kind's min_score, nothing below it.
+    assert!(r.tags.iter().all(|t| t.score >= 0.3), "{:?}", r.tags);
+    assert_eq!(r.tags.len(), r.scores.iter().filter(|t| t.score >= 0.3).count());
+    // Single-label softmax for other kinds: the scores sum to 1.
+    let article = TagRequest { kind: MediaKind::Article, ..film.clone() };
+    let a = tagger.tag(&article).await.unwrap();
+    assert!((a.scores.iter().map(|t| t.score).sum::<f32>() - 1.0).abs() < 1e-4, "{:?}", a.scores);
+    // Candidate labels of a movie go through the film templates and the per-label pairs:
+    // drama's own bias (0) lifts it above a label with the default bias (-2) at equal cosine.
+    let cands = TagRequest { candidate_labels: Some(vec!["drama".into(), "horror".into(), "sport".into()]), ..film };
+    let c = tagger.tag(&cands).await.unwrap();
+    assert_eq!(c.scores.len(), 3);
+    assert_eq!(c.scores[0].label, "horror", "{:?}", c.scores);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_english_items_are_flagged_not_tagged() {
+    let tagger = Tagger::load(parse(NEWS, "fp32").unwrap()).await.unwrap();
+    let ja = TagRequest { title: "東京で新しいスマートフォンが発売された".into(), ..Default::default() };
+    let r = tagger.tag(&ja).await.unwrap();
+    assert!(r.tags.is_empty());
+    assert_eq!(r.no_tags_reason.as_deref(), Some("unsupported_language"));
+    let fr = TagRequest { title: "Le gouvernement présente son budget".into(), language: Some("fr".into()), ..Default::default() };
+    assert_eq!(tagger.tag(&fr).await.unwrap().no_tags_reason.as_deref(), Some("unsupported_language"));
+    let en = TagRequest { title: "Striker scores twice as United win the cup final".into(), language: Some("en-GB".into()), ..Default::default() };
+    let r = tagger.tag(&en).await.unwrap();
+    assert_eq!(r.tags[0].label, "sport");
+    assert_eq!(r.no_tags_reason, None);
+    // languages: [] tags everything.
+    let all = Tagger::load(parse(&format!("languages: []\n{NEWS}"), "fp32").unwrap()).await.unwrap();
+    assert_eq!(all.tag(&fr).await.unwrap().tags.len(), 3);
+}
+
+#[test]
+fn spread_windows_reach_the_end_of_long_text() {
+    let enc = TextEncoder::load(&model_dir(), 34).unwrap();
+    // 40 distinct words, one token each: 32-token bodies, stride 0.
+    let words: Vec<String> = (0..400).map(|i| ["alpha", "bravo", "charlie", "delta", "echo"][i % 5].to_string() + " ").collect();
+    let text: String = words.concat() + "zebra";
+    let head = enc.windows(&text, 3, 0);
+    let spread = enc.windows_spread(&text, 3, 0);
+    assert_eq!((head.len(), spread.len()), (3, 3));
+    let last = enc.content_ids("zebra", 100);
+    let tail = &spread[2].ids[spread[2].ids.len() - 1 - last.len()..spread[2].ids.len() - 1];
+    assert_eq!(tail, last.as_slice(), "the last spread window ends with the text's last token");
+    assert!(head.iter().all(|w| !w.ids.ends_with(&[last[0], 102])));
+    assert_eq!(spread[0].ids, head[0].ids, "the first window is the text's start either way");
+    // Short text: one window, identical.
+    assert_eq!(enc.windows_spread("short text", 3, 0)[0].ids, enc.windows("short text", 3, 0)[0].ids);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let e = parse("embedding: {kinds: {FILM: {templates: ['A {label} film.']}}}\nlabels: [{name: a}]", "fp32").unwrap_err();
+    assert!(e.contains("FILM") && e.contains("MOVIE"), "{e}");
+    let e = parse("embedding: {kinds: {MOVIE: {templates: ['no placeholder']}}}\nlabels: [{name: a}]", "fp32").unwrap_err();
+    assert!(e.contains("tagging.embedding.kinds.MOVIE.templates"), "{e}");
+    let e = parse("labels: [{name: a}]", "bf16").unwrap_err();
+    assert!(e.contains("bf16") && e.contains("int8"), "{e}");
+    let e = parse("text: {adaptive_margin: 2}\nlabels: [{name: a}]", "fp32").unwrap_err();
+    assert!(e.contains("tagging.text.adaptive_margin"), "{e}");
+}
