@@ -41,15 +41,19 @@ async fn rate_20_for_10_seconds_spreads_records_over_10_seconds() {
     let lines: String = (0..200).map(|i| format!("{{\"id\": \"pace-{i}\", \"title\": \"Item {i}\"}}\n")).collect();
     std::fs::write(&file, lines).unwrap();
 
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamoasis"))
-        .current_dir(root())
-        .args(["produce", "--rate", "20", "--quiet", "--topic", &topic])
-        .arg(&file)
-        .env("KAFKA_BOOTSTRAP", &kafka)
-        .env("SCHEMA_REGISTRY_URL", &registry)
-        .status()
-        .await
-        .unwrap();
+    let (k, r, t, f) = (kafka.clone(), registry.clone(), topic.clone(), file.clone());
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_streamoasis"))
+            .current_dir(root())
+            .args(["produce", "--rate", "20", "--quiet", "--topic", &t])
+            .arg(&f)
+            .env("KAFKA_BOOTSTRAP", &k)
+            .env("SCHEMA_REGISTRY_URL", &r)
+            .status()
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(status.success(), "produce exited with {status}");
 
     let mut cc = client_config(&kafka, &BTreeMap::new());
