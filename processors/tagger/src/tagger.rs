@@ -99,19 +99,29 @@ struct Nli {
     contradiction: usize,
     template: String,
     multi_label: bool,
-    model: ModelRef,
 }
 
-/// A loaded tagger: model(s), batcher(s), cached label embeddings.
-pub struct Tagger {
-    cfg: TaggerConfig,
+/// The bi-encoder: its tokenizer and batcher (over the embedding model).
+struct EmbeddingScorer {
     encoder: TextEncoder,
     batcher: Batcher,
+}
+
+/// The scoring strategy, each owning its model, encoder and batcher: the NLI strategy loads no
+/// embedding model and the embedding strategy no NLI model.
+enum Scorer {
+    Embedding(EmbeddingScorer),
+    Nli(Nli),
+}
+
+/// A loaded tagger: one scorer, cached label embeddings.
+pub struct Tagger {
+    cfg: TaggerConfig,
+    scorer: Scorer,
     taxonomy: Labels,
     /// Taxonomy vectors of kinds with their own templates.
     kind_vectors: HashMap<MediaKind, Vec<Arc<Vec<f32>>>>,
     cache: Mutex<LruCache<String, Arc<Vec<f32>>>>,
-    nli: Option<Nli>,
     model: ModelRef,
     manifest: Manifest,
 }
@@ -166,16 +176,8 @@ fn sigmoid(x: f32) -> f32 {
 impl Tagger {
     /// Load the model(s) and start the batcher(s); embeds the taxonomy once. Needs a tokio runtime.
     pub async fn load(cfg: TaggerConfig) -> Result<Tagger, LoadError> {
-        let manifest = read_manifest(&cfg.model.path)?;
-        let max_tokens = if cfg.text.max_tokens == 0 { manifest.max_seq_len } else { cfg.text.max_tokens.min(manifest.max_seq_len) };
-        let encoder = TextEncoder::load(&cfg.model.path, max_tokens)?;
         let device = parse_device(&cfg.model.device)?;
-        let file = manifest.module_file(&cfg.model.path, cfg.model.precision)?;
-        let backend = TorchBackend::load_file(&cfg.model.path, &file, device, false, cfg.model.threads)?;
-        let batcher = Batcher::spawn(backend, batcher_config(&cfg));
-        let model = ModelRef { name: manifest.name.clone(), version: manifest.version.clone() };
-
-        let nli = match (&cfg.strategy, &cfg.nli) {
+        let (scorer, manifest) = match (&cfg.strategy, &cfg.nli) {
             (StrategyKind::Nli, Some(n)) => {
                 let m = read_manifest(&n.model)?;
                 let entailment = m
@@ -187,31 +189,39 @@ impl Tagger {
                 let contradiction = if entailment == 0 { m.labels.len().max(1) - 1 } else { 0 };
                 let enc = TextEncoder::load(&n.model, m.max_seq_len)?;
                 let backend = TorchBackend::load(&n.model, device, true, cfg.model.threads)?;
-                Some(Nli {
+                let nli = Nli {
                     encoder: enc,
                     batcher: Batcher::spawn(backend, batcher_config(&cfg)),
                     entailment,
                     contradiction,
                     template: n.hypothesis_template.clone(),
                     multi_label: n.multi_label,
-                    model: ModelRef { name: m.name.clone(), version: m.version.clone() },
-                })
+                };
+                (Scorer::Nli(nli), m)
             }
-            _ => None,
+            (StrategyKind::Nli, None) => return Err(LoadError::Torch("tagging.strategy is nli but tagging.nli is missing".into())),
+            (StrategyKind::Embedding, _) => {
+                let manifest = read_manifest(&cfg.model.path)?;
+                let max_tokens = if cfg.text.max_tokens == 0 { manifest.max_seq_len } else { cfg.text.max_tokens.min(manifest.max_seq_len) };
+                let encoder = TextEncoder::load(&cfg.model.path, max_tokens)?;
+                let file = manifest.module_file(&cfg.model.path, cfg.model.precision)?;
+                let backend = TorchBackend::load_file(&cfg.model.path, &file, device, false, cfg.model.threads)?;
+                let batcher = Batcher::spawn(backend, batcher_config(&cfg));
+                (Scorer::Embedding(EmbeddingScorer { encoder, batcher }), manifest)
+            }
         };
+        let model = ModelRef { name: manifest.name.clone(), version: manifest.version.clone() };
 
         let mut tagger = Tagger {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cfg.label_cache.max(1)).unwrap())),
             taxonomy: Labels { names: vec![], vectors: vec![] },
             kind_vectors: HashMap::new(),
-            encoder,
-            batcher,
-            nli,
+            scorer,
             model,
             manifest,
             cfg,
         };
-        if tagger.nli.is_none() {
+        if matches!(tagger.scorer, Scorer::Embedding(_)) {
             let names: Vec<String> = tagger.cfg.labels.iter().map(|l| l.name.clone()).collect();
             let descriptions: Vec<Vec<String>> = tagger.cfg.labels.iter().map(|l| l.all_descriptions()).collect();
             let base = tagger.cfg.embedding.templates.clone();
@@ -231,22 +241,25 @@ impl Tagger {
 
     /// The model whose scores are emitted.
     pub fn model_ref(&self) -> &ModelRef {
-        match &self.nli {
-            Some(n) => &n.model,
-            None => &self.model,
-        }
+        &self.model
     }
 
     /// The strategy in use.
     pub fn strategy(&self) -> Strategy {
-        if self.nli.is_some() {
-            Strategy::Nli
-        } else {
-            Strategy::Embedding
+        match self.scorer {
+            Scorer::Nli(_) => Strategy::Nli,
+            Scorer::Embedding(_) => Strategy::Embedding,
         }
     }
 
-    /// The embedding model's manifest.
+    fn embedder(&self) -> Result<&EmbeddingScorer, BatchError> {
+        match &self.scorer {
+            Scorer::Embedding(e) => Ok(e),
+            Scorer::Nli(_) => Err(BatchError::Model("the nli strategy loads no embedding model".into())),
+        }
+    }
+
+    /// The scoring model's manifest (the embedding model's, or the NLI model's).
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
@@ -258,21 +271,23 @@ impl Tagger {
 
     /// Embed texts (each truncated to one window) — for label prompts, tests and benches.
     pub async fn embed_texts(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, BatchError> {
-        let seqs: Vec<Seq> = texts.iter().map(|t| self.encoder.windows(t, 1, 0).into_iter().next().unwrap_or_else(|| Seq::new(vec![]))).collect();
-        self.batcher.infer(seqs).await
+        let e = self.embedder()?;
+        let seqs: Vec<Seq> = texts.iter().map(|t| e.encoder.windows(t, 1, 0).into_iter().next().unwrap_or_else(|| Seq::new(vec![]))).collect();
+        e.batcher.infer(seqs).await
     }
 
     /// Embed a whole text: windows, pooled (mean, renormalised). `None` for empty text.
     pub async fn embed_document(&self, text: &str) -> Result<Option<Vec<f32>>, BatchError> {
+        let e = self.embedder()?;
         let t = &self.cfg.text;
         let windows = match t.placement {
-            Placement::Spread => self.encoder.windows_spread(text, t.max_windows, t.stride),
-            Placement::Head => self.encoder.windows(text, t.max_windows, t.stride),
+            Placement::Spread => e.encoder.windows_spread(text, t.max_windows, t.stride),
+            Placement::Head => e.encoder.windows(text, t.max_windows, t.stride),
         };
         if windows.is_empty() {
             return Ok(None);
         }
-        let rows = self.batcher.infer(windows).await?;
+        let rows = e.batcher.infer(windows).await?;
         Ok(Some(mean_pool(&rows)))
     }
 
@@ -389,9 +404,9 @@ impl Tagger {
         }
         let names: Vec<String> = labels.clone().unwrap_or_else(|| self.taxonomy.names.clone());
         let ks = self.cfg.for_kind(req.kind);
-        let scores = match &self.nli {
-            Some(nli) => self.nli_scores(nli, &text, &names).await?,
-            None => {
+        let scores = match &self.scorer {
+            Scorer::Nli(nli) => self.nli_scores(nli, &text, &names).await?,
+            Scorer::Embedding(_) => {
                 let vectors = match &labels {
                     Some(l) => self.candidate_vectors(req.kind, l).await?,
                     None => match self.kind_vectors.get(&req.kind) {

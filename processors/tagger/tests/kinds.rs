@@ -134,3 +134,17 @@ fn config_errors_name_the_key() {
     let e = parse("text: {adaptive_margin: 2}\nlabels: [{name: a}]", "fp32").unwrap_err();
     assert!(e.contains("tagging.text.adaptive_margin"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nli_strategy_loads_no_embedding_model() {
+    let nli = model_dir().parent().unwrap().join("nli-tiny");
+    let yaml = format!("model: {{path: /nonexistent/embedding-model}}\nstrategy: nli\nnli: {{model: {}}}\nlabels: [{{name: sport}}, {{name: politics}}]", nli.display());
+    let cfg: TaggerConfig = serde_yaml::from_str(&yaml).unwrap();
+    cfg.validate("test").unwrap();
+    let tagger = Tagger::load(cfg).await.expect("loads without the embedding model's folder");
+    assert_eq!(tagger.strategy(), streamoasis_pipeline::events::Strategy::Nli);
+    assert_eq!(tagger.manifest().kind, "nli");
+    let r = tagger.tag(&TagRequest { title: "The match ended in a draw".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(r.scores.len(), 2);
+    assert!(tagger.embed_texts(&["x".to_string()]).await.is_err());
+}
