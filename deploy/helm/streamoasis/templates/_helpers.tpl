@@ -74,8 +74,20 @@ app.kubernetes.io/part-of: streamoasis
 {{- end -}}
 {{- end -}}
 {{- if $repl.keyspace -}}
+{{- $ks := $repl.keyspace -}}
+{{- $map := dict "class" $ks.class -}}
+{{- if eq $ks.class "SimpleStrategy" -}}
+{{- $_ := set $map "replication_factor" (int64 (required "replication.keyspace.replicationFactor is required with class SimpleStrategy" $ks.replicationFactor)) -}}
+{{- else -}}
+{{- if not $ks.datacenters -}}
+{{- fail "replication.keyspace.datacenters must name at least one datacenter with class NetworkTopologyStrategy" -}}
+{{- end -}}
+{{- range $dc := $ks.datacenters -}}
+{{- $_ := set $map (toString $dc.name) (int64 $dc.replicas) -}}
+{{- end -}}
+{{- end -}}
 {{- $scylla := $m.scylla | default dict -}}
-{{- $_ := set $scylla "replication" (deepCopy $repl.keyspace) -}}
+{{- $_ := set $scylla "replication" $map -}}
 {{- $_ := set $m "scylla" $scylla -}}
 {{- end -}}
 {{- toYaml (mergeOverwrite $m (deepCopy (.Values.topologyOverrides | default dict))) -}}
