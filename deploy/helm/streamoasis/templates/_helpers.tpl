@@ -181,10 +181,9 @@ print "render-topology: wrote $dst\n";
   value: /etc/streamoasis/topology.yaml
 - name: RUST_LOG
   value: {{ .Values.log.level | quote }}
-{{- if eq .Values.log.format "json" }}
+{{- /* Always set: the image defaults to json, so text must be asked for explicitly. */}}
 - name: STREAMOASIS_LOG_FORMAT
-  value: json
-{{- end }}
+  value: {{ .Values.log.format | quote }}
 {{- with .Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
