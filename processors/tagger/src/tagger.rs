@@ -244,6 +244,11 @@ impl Tagger {
         &self.model
     }
 
+    /// False once a model thread has died (liveness).
+    pub fn is_alive(&self) -> bool {
+        self.batcher.is_alive() && self.nli.as_ref().is_none_or(|n| n.batcher.is_alive())
+    }
+
     /// The strategy in use.
     pub fn strategy(&self) -> Strategy {
         match self.scorer {
