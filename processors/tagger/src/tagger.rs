@@ -246,7 +246,10 @@ impl Tagger {
 
     /// False once a model thread has died (liveness).
     pub fn is_alive(&self) -> bool {
-        self.batcher.is_alive() && self.nli.as_ref().is_none_or(|n| n.batcher.is_alive())
+        match &self.scorer {
+            Scorer::Embedding(e) => e.batcher.is_alive(),
+            Scorer::Nli(n) => n.batcher.is_alive(),
+        }
     }
 
     /// The strategy in use.
