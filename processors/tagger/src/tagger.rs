@@ -122,6 +122,9 @@ pub struct Tagger {
     /// Taxonomy vectors of kinds with their own templates.
     kind_vectors: HashMap<MediaKind, Vec<Arc<Vec<f32>>>>,
     cache: Mutex<LruCache<String, Arc<Vec<f32>>>>,
+    /// Held while missing candidate labels are embedded, so a burst of items with the same new
+    /// labels embeds them once instead of once per item.
+    label_fill: tokio::sync::Mutex<()>,
     model: ModelRef,
     manifest: Manifest,
 }
@@ -216,6 +219,7 @@ impl Tagger {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cfg.label_cache.max(1)).unwrap())),
             taxonomy: Labels { names: vec![], vectors: vec![] },
             kind_vectors: HashMap::new(),
+            label_fill: tokio::sync::Mutex::new(()),
             scorer,
             model,
             manifest,
@@ -321,6 +325,20 @@ impl Tagger {
         let mut out: Vec<Option<Arc<Vec<f32>>>> = {
             let mut cache = self.cache.lock().unwrap();
             labels.iter().map(|l| cache.get(&key(l)).cloned()).collect()
+        };
+        // Misses wait for any fill in progress, then look again (it may have embedded theirs);
+        // the lock is kept until this fill is cached.
+        let _fill = if out.iter().any(Option::is_none) {
+            let guard = self.label_fill.lock().await;
+            let mut cache = self.cache.lock().unwrap();
+            for (slot, l) in out.iter_mut().zip(labels) {
+                if slot.is_none() {
+                    *slot = cache.get(&key(l)).cloned();
+                }
+            }
+            Some(guard)
+        } else {
+            None
         };
         let missing: Vec<String> = labels.iter().zip(&out).filter(|(_, v)| v.is_none()).map(|(l, _)| l.clone()).collect();
         if !missing.is_empty() {
