@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -26,6 +25,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+pub use crate::client::{client_config, producer, wait_for_broker};
 use crate::codec::{Codec, CodecError};
 use crate::events::Event;
 use crate::offsets::OffsetTracker;
@@ -34,13 +34,15 @@ use crate::telemetry::metrics;
 use crate::topology::ProcessorSpec;
 
 /// Everything the run loop needs; built from `topology.yaml` and the environment.
-#[derive(Debug, Clone)]
+/// (`Debug`, with secrets masked, is in [`crate::client`].)
+#[derive(Clone)]
 pub struct RunnerConfig {
     /// Bootstrap servers (`KAFKA_BOOTSTRAP`).
     pub brokers: String,
     /// Topics, group and limits of this processor.
     pub spec: ProcessorSpec,
-    /// Extra librdkafka properties (topology `kafka.client`).
+    /// Extra librdkafka properties: topology `kafka.client` with the environment's security
+    /// settings on top ([`crate::client::properties`]).
     pub client: BTreeMap<String, String>,
 }
 
@@ -53,27 +55,6 @@ pub struct RunSummary {
     pub dead_lettered: u64,
     /// Records still in flight when the drain timeout expired (will be redelivered).
     pub abandoned: usize,
-}
-
-/// Base librdkafka config for any client of ours.
-pub fn client_config(brokers: &str, extra: &BTreeMap<String, String>) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("client.id", "streamoasis");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    c
-}
-
-/// An idempotent producer with `acks=all`, for outputs and dead letters.
-pub fn producer(brokers: &str, extra: &BTreeMap<String, String>) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    let mut c = client_config(brokers, extra);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "300000");
-    c.create()
 }
 
 struct Ctx {
@@ -425,12 +406,4 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: &'st
             }
         }
     }
-}
-
-/// Wait until the broker answers a metadata request, or fail with a message saying what to do.
-pub fn wait_for_broker(brokers: &str, timeout: Duration) -> anyhow::Result<()> {
-    let c: BaseConsumer = client_config(brokers, &BTreeMap::new()).create()?;
-    c.fetch_metadata(None, timeout)
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("Kafka at {brokers} did not answer ({e}); start it with `scripts/stack up` or set KAFKA_BOOTSTRAP"))
 }
