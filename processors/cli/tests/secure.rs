@@ -11,6 +11,7 @@
 //! grant (`deploy/local/secure/kafka.acls`). The log test runs the real binary.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -47,7 +48,11 @@ fn secure_stack(test: &str) -> bool {
     if std::env::var("STREAMOASIS_REQUIRE_SECURE").is_ok_and(|v| v == "1") {
         panic!("{test}: STREAMOASIS_REQUIRE_SECURE=1 but the environment is not the secured stack's: run `scripts/stack up --secure` and source .cache/stack/env");
     }
-    eprintln!("skip {test}: not the secured stack (scripts/stack up --secure, then source .cache/stack/env; STREAMOASIS_REQUIRE_SECURE=1 makes this a failure)");
+    // Straight to the process's stderr: the test harness would hide an eprintln! of a passing test.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skip {test}: not the secured stack (scripts/stack up --secure, then source .cache/stack/env; STREAMOASIS_REQUIRE_SECURE=1 makes this a failure)"
+    );
     false
 }
 
