@@ -15,7 +15,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTagged};
-use streamoasis_pipeline::kafka::{client_config, producer, run as run_processor, wait_for_broker, RunnerConfig};
+use streamoasis_pipeline::client::{self, client_config, producer, wait_for_broker};
+use streamoasis_pipeline::kafka::{run as run_processor, RunnerConfig};
+use streamoasis_pipeline::secret::redact_url;
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_pipeline::telemetry::Health;
 use streamoasis_pipeline::{admin, telemetry, CancellationToken};
@@ -41,6 +43,23 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
 
 fn load(c: &Common) -> anyhow::Result<Topology> {
     Ok(Topology::load(&c.topology)?)
+}
+
+/// The topology, with the environment's Kafka security settings laid over `kafka.client`, so
+/// every Kafka client of the command (broker wait, consumer, producer, admin) speaks alike.
+fn load_for_kafka(c: &Common) -> anyhow::Result<Topology> {
+    let mut topo = load(c)?;
+    topo.file.kafka.client = client::properties(&topo.file.kafka.client)?;
+    let k = &topo.file.kafka.client;
+    tracing::info!(
+        brokers = %c.kafka,
+        security_protocol = k.get("security.protocol").map(String::as_str).unwrap_or("PLAINTEXT"),
+        sasl_mechanism = k.get("sasl.mechanism").map(String::as_str).unwrap_or("-"),
+        sasl_user = k.get("sasl.username").map(String::as_str).unwrap_or("-"),
+        registry = %redact_url(&c.registry),
+        "connection settings"
+    );
+    Ok(topo)
 }
 
 /// Cancelled on SIGTERM or Ctrl-C.
@@ -75,11 +94,11 @@ fn start_metrics(a: &RunArgs, health: &Arc<Health>) {
 
 async fn tagger(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-tagger");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let cfg = TaggerConfig::from_topology(&topo)?;
     let health = Health::new();
     start_metrics(&a, &health);
-    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    wait_for_broker(&c.kafka, &topo.file.kafka.client, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
     let started = Instant::now();
     let tagger = tokio::select! {
@@ -97,11 +116,11 @@ async fn tagger(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::
 
 async fn sink(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-sink");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let cfg = SinkConfig::from_topology(&topo)?;
     let health = Health::new();
     start_metrics(&a, &health);
-    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    wait_for_broker(&c.kafka, &topo.file.kafka.client, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
     let session = Arc::new(streamoasis_sink::connect(&c.scylla, &cfg).await?);
     let writer = Arc::new(TagWriter::new(session, &cfg).await?);
@@ -121,14 +140,14 @@ fn check(c: &Common) -> anyhow::Result<()> {
 
 async fn apply(c: &Common, no_db: bool) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let sink_cfg = SinkConfig::from_topology(&topo)?;
     TaggerConfig::from_topology(&topo)?;
     for ch in admin::apply_topics(&c.kafka, &topo).await? {
         println!("{ch}");
     }
     let codec = Codec::new(&c.registry)?;
-    for ch in admin::apply_schemas(&codec, &topo).await.with_context(|| format!("registering schemas at {}", c.registry))? {
+    for ch in admin::apply_schemas(&codec, &topo).await.with_context(|| format!("registering schemas at {}", redact_url(&c.registry)))? {
         println!("{ch}");
     }
     if !no_db {
@@ -198,9 +217,9 @@ fn open_lines(path: &std::path::Path) -> anyhow::Result<Box<dyn BufRead>> {
 
 async fn produce(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-produce");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let topic = a.topic.clone().unwrap_or_else(|| topo.file.processors.tagger.input.clone());
-    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    wait_for_broker(&c.kafka, &topo.file.kafka.client, Duration::from_secs(10))?;
     let codec = Codec::new(&c.registry)?;
     let producer = producer(&c.kafka, &topo.file.kafka.client)?;
     let lines: Vec<String> = open_lines(&a.file)?.lines().take(a.limit.unwrap_or(usize::MAX)).collect::<Result<_, _>>()?;
@@ -253,7 +272,7 @@ struct Truth {
 }
 
 async fn tail(c: &Common, a: TailArgs) -> anyhow::Result<()> {
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let t = &topo.file.processors;
     let topic = a.topic.clone().unwrap_or_else(|| t.tagger.output.clone().unwrap_or_default());
     let truth: HashMap<String, String> = match &a.truth {

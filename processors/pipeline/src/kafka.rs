@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -44,6 +43,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+pub use crate::client::{client_config, producer, wait_for_broker};
 use crate::codec::{Codec, CodecError};
 use crate::error::ErrorKind;
 use crate::events::Event;
@@ -53,13 +53,15 @@ use crate::telemetry::{metrics, Health};
 use crate::topology::{Delivery, ProcessorSpec};
 
 /// Everything the run loop needs; built from `topology.yaml` and the environment.
-#[derive(Debug, Clone)]
+/// (`Debug`, with secrets masked, is in [`crate::client`].)
+#[derive(Clone)]
 pub struct RunnerConfig {
     /// Bootstrap servers (`KAFKA_BOOTSTRAP`).
     pub brokers: String,
     /// Topics, group and limits of this processor.
     pub spec: ProcessorSpec,
-    /// Extra librdkafka properties (topology `kafka.client`).
+    /// Extra librdkafka properties: topology `kafka.client` with the environment's security
+    /// settings on top ([`crate::client::properties`]).
     pub client: BTreeMap<String, String>,
     /// Liveness and readiness, shared with the HTTP server and the processor's components.
     pub health: Arc<Health>,
@@ -99,27 +101,6 @@ pub struct RunSummary {
     pub transactions: u64,
     /// Exactly-once: transactions aborted (their records were rewound and processed again).
     pub aborts: u64,
-}
-
-/// Base librdkafka config for any client of ours.
-pub fn client_config(brokers: &str, extra: &BTreeMap<String, String>) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("client.id", "streamoasis");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    c
-}
-
-/// An idempotent producer with `acks=all`, for outputs and dead letters.
-pub fn producer(brokers: &str, extra: &BTreeMap<String, String>) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    let mut c = client_config(brokers, extra);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "300000");
-    c.create()
 }
 
 struct Ctx {
@@ -917,12 +898,4 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
             }
         }
     }
-}
-
-/// Wait until the broker answers a metadata request, or fail with a message saying what to do.
-pub fn wait_for_broker(brokers: &str, timeout: Duration) -> anyhow::Result<()> {
-    let c: BaseConsumer = client_config(brokers, &BTreeMap::new()).create()?;
-    c.fetch_metadata(None, timeout)
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("Kafka at {brokers} did not answer ({e}); start it with `scripts/stack up` or set KAFKA_BOOTSTRAP"))
 }
