@@ -30,7 +30,7 @@ pub const ENV_ISSUER: &str = "STREAMOASIS_JWT_ISSUER";
 pub const ENV_AUDIENCE: &str = "STREAMOASIS_JWT_AUDIENCE";
 
 /// What a verified token says.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
     /// Subject (caller identity), if present.
     #[serde(default)]
