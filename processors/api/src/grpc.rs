@@ -40,6 +40,7 @@ fn tag_status(e: TagError) -> Status {
     match e {
         TagError::InvalidLabels(m) => Status::invalid_argument(format!("candidate_labels: {m}")),
         TagError::Model(BatchError::QueueFull) => Status::resource_exhausted("the tagging queue is full: retry with backoff"),
+        TagError::Model(BatchError::Overloaded(m)) => Status::unavailable(format!("the model is out of memory ({m}): retry later")),
         TagError::Model(BatchError::Stopped) => Status::unavailable("the model is shutting down"),
         TagError::Model(BatchError::Model(m)) => Status::internal(format!("model error: {m}")),
     }

@@ -93,6 +93,10 @@ fn tag_error(e: TagError) -> ApiError {
             retry_after: Some(1),
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", "the tagging queue is full: retry after the delay in Retry-After")
         },
+        TagError::Model(BatchError::Overloaded(m)) => ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the model is out of memory ({m}): retry later"))
+        },
         TagError::Model(BatchError::Stopped) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the model is shutting down"),
         TagError::Model(BatchError::Model(m)) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("model error: {m}")),
     }

@@ -143,9 +143,9 @@ impl Fx {
         let session = Arc::new(streamoasis_sink::connect(self.conn.scylla.as_ref().unwrap(), &sink_cfg).await.unwrap());
         let writer = Arc::new(TagWriter::new(session, &sink_cfg).await.unwrap());
         let (topo, kafka, codec, stop) = (self.topo.clone(), self.conn.kafka.clone(), self.codec.clone(), self.stop.clone());
-        self.stopped.push(tokio::spawn(async move { streamoasis_sink::serve(&topo, &kafka, codec, writer, stop).await.map(|_| ()) }));
+        self.stopped.push(tokio::spawn(async move { streamoasis_sink::serve(&topo, &kafka, codec, writer, None, stop).await.map(|_| ()) }));
         let (topo, kafka, codec, stop, tagger) = (self.topo.clone(), self.conn.kafka.clone(), self.codec.clone(), self.stop.clone(), self.tagger.clone());
-        self.stopped.push(tokio::spawn(async move { streamoasis_tagger::serve(&topo, &kafka, codec, tagger, stop).await.map(|_| ()) }));
+        self.stopped.push(tokio::spawn(async move { streamoasis_tagger::serve(&topo, &kafka, codec, tagger, None, stop).await.map(|_| ()) }));
     }
 
     async fn shutdown(self) {

@@ -17,25 +17,26 @@ use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTa
 use streamoasis_api::{auth, ops, Auth, Limits, Listeners};
 use streamoasis_pipeline::kafka::{client_config, producer, wait_for_broker};
 use streamoasis_pipeline::topology::Topology;
+use streamoasis_pipeline::telemetry::Health;
 use streamoasis_pipeline::{admin, telemetry, CancellationToken};
 use streamoasis_sink::{SinkConfig, TagWriter};
 use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig};
 
 use crate::cli::{ApiAction, ApiArgs, Cli, Command, Common, DbAction, DlqAction, DlqReplayArgs, ProduceArgs, RetagArgs, RunArgs, TagArgs, TaggerArgs, TailArgs, TopologyAction};
 
-/// Dispatch a parsed command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Dispatch a parsed command line; `shutdown` is cancelled on SIGTERM / Ctrl-C.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let c = &cli.common;
     match cli.command {
-        Command::Tagger(a) => tagger(c, a).await,
-        Command::Sink(a) => sink(c, a).await,
+        Command::Tagger(a) => tagger(c, a, shutdown).await,
+        Command::Sink(a) => sink(c, a, shutdown).await,
         Command::Topology { action: TopologyAction::Apply { no_db } } => apply(c, no_db).await,
         Command::Topology { action: TopologyAction::Check } => check(c),
         Command::Produce(a) => produce(c, a).await,
         Command::Tail(a) => tail(c, a).await,
         Command::Tag(a) => tag(c, a).await,
         Command::Db { action } => db(c, action).await,
-        Command::Api(a) => api(c, a).await,
+        Command::Api(a) => api(c, a, shutdown).await,
         Command::Retag(a) => retag(c, a).await,
         Command::Dlq { action: DlqAction::Replay(a) } => dlq_replay(c, a).await,
     }
@@ -46,7 +47,7 @@ fn load(c: &Common) -> anyhow::Result<Topology> {
 }
 
 /// Cancelled on SIGTERM or Ctrl-C.
-fn shutdown_on_signal() -> CancellationToken {
+pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -64,17 +65,18 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-fn start_metrics(a: &RunArgs) {
+fn start_metrics(a: &RunArgs, health: &Arc<Health>) {
     if let Some(addr) = a.metrics_addr {
+        let health = health.clone();
         tokio::spawn(async move {
-            if let Err(e) = telemetry::serve_metrics(addr).await {
+            if let Err(e) = telemetry::serve_metrics(addr, health).await {
                 tracing::error!(%addr, error = %e, "metrics server failed");
             }
         });
     }
 }
 
-async fn tagger(c: &Common, a: TaggerArgs) -> anyhow::Result<()> {
+async fn tagger(c: &Common, a: TaggerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-tagger");
     let topo = load(c)?;
     let cfg = TaggerConfig::from_topology(&topo)?;
@@ -83,13 +85,19 @@ async fn tagger(c: &Common, a: TaggerArgs) -> anyhow::Result<()> {
         Some(addr) => Some((api_auth(a.insecure_no_auth)?, Listeners::bind(addr, &a.grpc_addr).await?)),
         None => None,
     };
+    let health = Health::new();
+    start_metrics(&a.run, &health);
     wait_for_broker(&c.kafka, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
-    start_metrics(&a.run);
     let started = Instant::now();
-    let tagger = Arc::new(Tagger::load(cfg).await?);
+    let tagger = tokio::select! {
+        t = Tagger::load(cfg) => Arc::new(t?),
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(model = %tagger.model_ref().name, strategy = ?tagger.strategy(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
-    let shutdown = shutdown_on_signal();
+    let alive = tagger.clone();
+    health.add_check("model thread", move || alive.is_alive());
+    health.set_loaded(true);
     reload_on_sighup(c.topology.clone(), tagger.clone());
     let mut api_task = None;
     if let Some((auth, listeners)) = api {
@@ -97,7 +105,7 @@ async fn tagger(c: &Common, a: TaggerArgs) -> anyhow::Result<()> {
         let state = Arc::new(streamoasis_api::state(&connections(c, true), &topo, tagger.clone(), auth, Limits::default()).await?);
         api_task = Some(tokio::spawn(streamoasis_api::serve(listeners, state, shutdown.clone())));
     }
-    let r = streamoasis_tagger::serve(&topo, &c.kafka, codec, tagger, shutdown.clone()).await;
+    let r = streamoasis_tagger::serve(&topo, &c.kafka, codec, tagger, Some(health), shutdown.clone()).await;
     shutdown.cancel();
     if let Some(t) = api_task {
         t.await??;
@@ -124,16 +132,18 @@ fn reload_on_sighup(path: std::path::PathBuf, tagger: Arc<Tagger>) {
     });
 }
 
-async fn sink(c: &Common, a: RunArgs) -> anyhow::Result<()> {
+async fn sink(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-sink");
     let topo = load(c)?;
     let cfg = SinkConfig::from_topology(&topo)?;
+    let health = Health::new();
+    start_metrics(&a, &health);
     wait_for_broker(&c.kafka, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
-    start_metrics(&a);
     let session = Arc::new(streamoasis_sink::connect(&c.scylla, &cfg).await?);
     let writer = Arc::new(TagWriter::new(session, &cfg).await?);
-    streamoasis_sink::serve(&topo, &c.kafka, codec, writer, shutdown_on_signal()).await?;
+    health.set_loaded(true);
+    streamoasis_sink::serve(&topo, &c.kafka, codec, writer, Some(health), shutdown).await?;
     Ok(())
 }
 
@@ -159,7 +169,7 @@ fn api_auth(insecure: bool) -> anyhow::Result<Auth> {
     }
 }
 
-async fn api(c: &Common, a: ApiArgs) -> anyhow::Result<()> {
+async fn api(c: &Common, a: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     match a.action {
         Some(ApiAction::Token { sub, ttl }) => return token(&sub, ttl),
         Some(ApiAction::Call { text, labels, grpc_addr, token }) => return call(&text, labels, &grpc_addr, token).await,
@@ -171,7 +181,6 @@ async fn api(c: &Common, a: ApiArgs) -> anyhow::Result<()> {
     let auth = api_auth(a.insecure_no_auth)?;
     let listeners = Listeners::bind(&a.addr, &a.grpc_addr).await?;
     let tagger = Arc::new(Tagger::load(cfg).await?);
-    let shutdown = shutdown_on_signal();
     reload_on_sighup(c.topology.clone(), tagger.clone());
     let state = streamoasis_api::state(&connections(c, !a.no_db), &topo, tagger, auth, Limits::default()).await?;
     streamoasis_api::serve(listeners, Arc::new(state), shutdown).await

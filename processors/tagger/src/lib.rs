@@ -39,8 +39,18 @@ use streamoasis_pipeline::CancellationToken;
 /// Run the tagger processor as `streamoasis tagger` does (the one wiring path: the command,
 /// the API's `tagger --api-addr` mode and the tests all call this): `processors.tagger` and
 /// `kafka.client` from the topology, until `shutdown`.
-pub async fn serve(topo: &Topology, brokers: &str, codec: Arc<Codec>, tagger: Arc<Tagger>, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
-    let runner = RunnerConfig { brokers: brokers.to_string(), spec: topo.file.processors.tagger.clone(), client: topo.file.kafka.client.clone() };
+pub async fn serve(
+    topo: &Topology,
+    brokers: &str,
+    codec: Arc<Codec>,
+    tagger: Arc<Tagger>,
+    health: Option<Arc<streamoasis_pipeline::telemetry::Health>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    let mut runner = RunnerConfig::new(brokers, topo.file.processors.tagger.clone(), topo.file.kafka.client.clone());
+    if let Some(h) = health {
+        runner = runner.with_health(h);
+    }
     run(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown).await
 }
 
