@@ -244,7 +244,7 @@ async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
         }
     }
     for (tag, n) in &by_tag {
-        let stored = streamoasis_sink::count_rows(&session, &format!("SELECT COUNT(*) FROM {ks}.media_by_tag WHERE tag = '{tag}'")).await.unwrap();
+        let stored = streamoasis_sink::read::count_by_tag(&session, &ks, tag).await.unwrap();
         assert_eq!(stored as usize, *n, "media_by_tag rows for {tag}");
     }
     stop_t.cancel();
