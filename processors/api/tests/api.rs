@@ -419,7 +419,8 @@ async fn grpc_tag_stream_and_reflection() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut rc = ServerReflectionClient::connect(fx.grpc.clone()).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(fx.grpc.clone()).unwrap().connect().await.unwrap();
+    let mut rc = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
     let mut resp = rc.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
     let Some(MessageResponse::ListServicesResponse(l)) = resp.next().await.unwrap().unwrap().message_response else { panic!("list services") };
