@@ -8,6 +8,14 @@
 //! - [`schema`]: keyspace and tables (`media_tags`, `media_by_tag`), created idempotently.
 //! - [`TagWriter`]: prepared statements (prepared once), bounded concurrency, idempotent upserts.
 //! - [`SinkProcessor`]: the pipeline processor around the writer.
+//! - [`read`]: the read path the API serves (one item's tags; items by tag, best first, paged).
+//!
+//! ## `media_by_tag`: bounded partitions
+//! `PRIMARY KEY ((tag, bucket), score, media_id)`, clustered best first. `bucket` is a stable
+//! hash of the media id modulo [`BY_TAG_BUCKETS`], so a popular tag spreads over that many
+//! partitions instead of one that grows without bound, and a page is a merge of the heads of
+//! every bucket (see [`read`]). `topology apply` migrates the earlier one-partition-per-tag
+//! layout: it drops that table, creates this one and rebuilds it from `media_tags`.
 //!
 //! ## Idempotence and ordering: the newest input wins
 //! The version of a write comes from the input record, never from a processor's clock:
@@ -287,22 +295,75 @@ pub mod schema {
                  tagged_at timestamp, \
                  source_topic text, source_partition int, source_offset bigint)"
             ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.media_by_tag (\
-                 tag text, media_id text, score float, tagged_at timestamp, \
-                 PRIMARY KEY ((tag), media_id))"
-            ),
+            by_tag_table(ks),
         ]
     }
 
-    /// Create the keyspace and tables.
-    pub async fn apply(session: &Session, c: &SinkConfig) -> Result<(), scylla::errors::ExecutionError> {
-        for s in statements(c) {
-            session.query_unpaged(s, ()).await?;
+    /// The bucketed by-tag table (see the crate docs).
+    pub fn by_tag_table(ks: &str) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.media_by_tag (\
+             tag text, bucket int, score float, media_id text, tagged_at timestamp, \
+             PRIMARY KEY ((tag, bucket), score, media_id)) \
+             WITH CLUSTERING ORDER BY (score DESC, media_id DESC)"
+        )
+    }
+
+    /// Columns added to `media_tags` after its first release: `ALTER TABLE ... ADD` when absent.
+    pub const CARRIED_COLUMNS: [(&str, &str); 4] = [("title", "text"), ("source", "text"), ("language", "text"), ("attributes", "map<text, text>")];
+
+    async fn columns(session: &Session, ks: &str, table: &str) -> anyhow::Result<HashSet<String>> {
+        let r = session
+            .query_unpaged("SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?", (ks, table))
+            .await?
+            .into_rows_result()?;
+        Ok(r.rows::<(String,)>()?.collect::<Result<Vec<_>, _>>()?.into_iter().map(|(c,)| c).collect())
+    }
+
+    /// Create the keyspace and tables, add missing columns and migrate an unbucketed
+    /// `media_by_tag` (rebuilt from `media_tags`). Idempotent; returns what it changed.
+    pub async fn apply(session: &Session, c: &SinkConfig) -> anyhow::Result<Vec<String>> {
+        let ks = &c.keyspace;
+        let mut changes = Vec::new();
+        let stmts = statements(c);
+        session.query_unpaged(stmts[0].clone(), ()).await?;
+        session.query_unpaged(stmts[1].clone(), ()).await?;
+        let have = columns(session, ks, "media_tags").await?;
+        for (name, ty) in CARRIED_COLUMNS {
+            if !have.contains(name) {
+                session.query_unpaged(format!("ALTER TABLE {ks}.media_tags ADD {name} {ty}"), ()).await?;
+                changes.push(format!("added     column media_tags.{name}"));
+            }
         }
-        Ok(())
+        let by_tag = columns(session, ks, "media_by_tag").await?;
+        let migrate = !by_tag.is_empty() && !by_tag.contains("bucket");
+        if migrate {
+            session.query_unpaged(format!("DROP TABLE {ks}.media_by_tag"), ()).await?;
+        }
+        session.query_unpaged(by_tag_table(ks), ()).await?;
+        if migrate {
+            let n = crate::read::rebuild_by_tag(session, ks).await?;
+            changes.push(format!("migrated  {ks}.media_by_tag to (tag, bucket) partitions: {n} rows rebuilt from media_tags"));
+        }
+        Ok(changes)
     }
 }
+
+/// Partitions per tag in `media_by_tag` (a hash of the media id picks one). Changing it needs a
+/// rebuild of the table: drop it and run `topology apply`.
+pub const BY_TAG_BUCKETS: i32 = 16;
+
+/// The `media_by_tag` bucket of a media id: FNV-1a of its bytes, stable across releases.
+pub fn bucket_of(media_id: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in media_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % BY_TAG_BUCKETS as u32) as i32
+}
+
+pub mod read;
 
 /// Connect to the cluster at `uri` (host:port[,host:port...]) with the credentials and TLS of
 /// the `scylla:` section and the environment ([`CqlSecurity::resolve`]).
@@ -344,6 +405,7 @@ pub struct TagWriter {
     read_tags: PreparedStatement,
     by_tag: PreparedStatement,
     unlink: PreparedStatement,
+    carry: PreparedStatement,
     permits: Semaphore,
 }
 
@@ -438,8 +500,9 @@ impl TagWriter {
             ))
             .await?,
             read_tags: prep(format!("SELECT tags, ingested_at, source_partition, source_offset FROM {ks}.media_tags WHERE media_id = ?")).await?,
-            by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, media_id, score, tagged_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")).await?,
-            unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND media_id = ?")).await?,
+            by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?,
+            unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND bucket = ? AND score = ? AND media_id = ?")).await?,
+            carry: prep(format!("UPDATE {ks}.media_tags USING TIMESTAMP ? SET title = ?, source = ?, language = ?, attributes = ? WHERE media_id = ?")).await?,
             permits: Semaphore::new(c.concurrency),
             session,
         })
@@ -482,7 +545,7 @@ impl TagWriter {
                 return Ok(false);
             }
         }
-        let previous: HashSet<String> = stored.and_then(|(m, ..)| m).map(|m| m.into_keys().collect()).unwrap_or_default();
+        let previous: HashMap<String, f32> = stored.and_then(|(m, ..)| m).unwrap_or_default();
         let tags: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
         let tagged_at = CqlTimestamp(e.tagged_at);
         let top = e.tags.first().map(|t| t.label.clone());
@@ -506,10 +569,19 @@ impl TagWriter {
                 ts_us,
             ),
         );
-        let links = e.tags.iter().map(|t| self.session.execute_unpaged(&self.by_tag, (&t.label, &e.media_id, t.score, tagged_at, ts_us)));
-        let unlinks = previous.iter().filter(|p| !tags.contains_key(*p)).map(|p| self.session.execute_unpaged(&self.unlink, (ts_us, p, &e.media_id)));
-        let (main, links, unlinks) = tokio::join!(main, futures::future::join_all(links), futures::future::join_all(unlinks));
+        // media_by_tag rows are keyed by (tag, bucket, score, media_id): a tag whose score
+        // changed moves to a new row, so the old row is deleted like a dropped tag.
+        let bucket = bucket_of(&e.media_id);
+        let links = e.tags.iter().map(|t| self.session.execute_unpaged(&self.by_tag, (&t.label, bucket, t.score, &e.media_id, tagged_at, ts_us)));
+        let unlinks = previous
+            .iter()
+            .filter(|(l, s)| tags.get(*l).is_none_or(|n| n.to_bits() != s.to_bits()))
+            .map(|(l, s)| self.session.execute_unpaged(&self.unlink, (ts_us, l, bucket, *s, &e.media_id)));
+        // Fields carried from the input (title, source, language, attributes), for the read path.
+        let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.media_id));
+        let (main, links, unlinks, carry) = tokio::join!(main, futures::future::join_all(links), futures::future::join_all(unlinks), carry);
         main.map_err(|x| classify("write media_tags", &x))?;
+        carry.map_err(|x| classify("write media_tags", &x))?;
         for r in links.into_iter().chain(unlinks) {
             r.map_err(|x| classify("write media_by_tag", &x))?;
         }
@@ -559,6 +631,23 @@ impl Processor for SinkProcessor {
     }
 }
 
+/// Run the sink processor as `streamoasis sink` does (the one wiring path: the command and the
+/// tests call this): `processors.sink` and `kafka.client` from the topology, until `shutdown`.
+pub async fn serve(
+    topo: &Topology,
+    brokers: &str,
+    codec: Arc<streamoasis_pipeline::codec::Codec>,
+    writer: Arc<TagWriter>,
+    health: Option<Arc<streamoasis_pipeline::telemetry::Health>>,
+    shutdown: streamoasis_pipeline::CancellationToken,
+) -> anyhow::Result<streamoasis_pipeline::kafka::RunSummary> {
+    let mut runner = streamoasis_pipeline::kafka::RunnerConfig::new(brokers, topo.file.processors.sink.clone(), topo.file.kafka.client.clone());
+    if let Some(h) = health {
+        runner = runner.with_health(h);
+    }
+    streamoasis_pipeline::kafka::run(runner, codec, Arc::new(SinkProcessor::new(writer)), shutdown).await
+}
+
 /// Read helpers for operators and tests.
 pub async fn count_rows(session: &Session, query: &str) -> anyhow::Result<i64> {
     let r = session.query_unpaged(query, ()).await?.into_rows_result()?;
@@ -576,12 +665,8 @@ pub async fn get_tags(session: &Session, keyspace: &str, media_id: &str) -> anyh
     }))
 }
 
-/// Items carrying `tag`, highest score first.
+/// Items carrying `tag`, highest score first (the first page of [`read::Reader::by_tag`]).
 pub async fn by_tag(session: &Session, keyspace: &str, tag: &str, limit: usize) -> anyhow::Result<Vec<(String, f32)>> {
-    let q = format!("SELECT media_id, score FROM {keyspace}.media_by_tag WHERE tag = ?");
-    let r = session.query_unpaged(q, (tag,)).await?.into_rows_result()?;
-    let mut v: Vec<(String, f32)> = r.rows::<(String, f32)>()?.collect::<Result<_, _>>()?;
-    v.sort_by(|a, b| b.1.total_cmp(&a.1));
-    v.truncate(limit);
-    Ok(v)
+    let page = read::by_tag_page(session, keyspace, tag, limit, None).await?;
+    Ok(page.items.into_iter().map(|i| (i.media_id, i.score)).collect())
 }

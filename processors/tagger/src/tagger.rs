@@ -55,6 +55,22 @@ pub enum TagError {
     Model(#[from] BatchError),
 }
 
+/// How a request enters a full batcher queue: wait for room (stream) or fail at once (API).
+#[derive(Debug, Clone, Copy)]
+enum Admit {
+    Wait,
+    FailFast,
+}
+
+impl Admit {
+    async fn infer(self, b: &Batcher, seqs: Vec<Seq>) -> Result<Vec<Vec<f32>>, BatchError> {
+        match self {
+            Admit::Wait => b.infer(seqs).await,
+            Admit::FailFast => b.try_infer(seqs).await,
+        }
+    }
+}
+
 struct Labels {
     names: Vec<String>,
     /// One normalised embedding per label (embedding strategy).
@@ -76,7 +92,8 @@ pub struct Tagger {
     cfg: TaggerConfig,
     encoder: TextEncoder,
     batcher: Batcher,
-    taxonomy: Labels,
+    /// The taxonomy in use; swapped whole by [`Tagger::reload_labels`].
+    taxonomy: std::sync::RwLock<Arc<Labels>>,
     cache: Mutex<LruCache<String, Arc<Vec<f32>>>>,
     nli: Option<Nli>,
     model: ModelRef,
@@ -168,7 +185,7 @@ impl Tagger {
 
         let mut tagger = Tagger {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cfg.label_cache.max(1)).unwrap())),
-            taxonomy: Labels { names: vec![], vectors: vec![] },
+            taxonomy: std::sync::RwLock::new(Arc::new(Labels { names: vec![], vectors: vec![] })),
             encoder,
             batcher,
             nli,
@@ -176,15 +193,34 @@ impl Tagger {
             manifest,
             cfg,
         };
-        if tagger.nli.is_none() {
-            let names: Vec<String> = tagger.cfg.labels.iter().map(|l| l.name.clone()).collect();
-            let descriptions: Vec<Vec<String>> = tagger.cfg.labels.iter().map(|l| l.all_descriptions()).collect();
-            let vectors = tagger.embed_labels(&names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
-            tagger.taxonomy = Labels { names, vectors };
-        } else {
-            tagger.taxonomy = Labels { names: tagger.cfg.labels.iter().map(|l| l.name.clone()).collect(), vectors: vec![] };
-        }
+        let labels = tagger.cfg.labels.clone();
+        let taxonomy = tagger.embed_taxonomy(&labels).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
+        tagger.taxonomy = std::sync::RwLock::new(Arc::new(taxonomy));
         Ok(tagger)
+    }
+
+    async fn embed_taxonomy(&self, labels: &[crate::config::LabelSpec]) -> Result<Labels, BatchError> {
+        let names: Vec<String> = labels.iter().map(|l| l.name.clone()).collect();
+        if self.nli.is_some() {
+            return Ok(Labels { names, vectors: vec![] });
+        }
+        let descriptions: Vec<Vec<String>> = labels.iter().map(|l| l.all_descriptions()).collect();
+        let vectors = self.embed_labels(&names, &descriptions).await?;
+        Ok(Labels { names, vectors })
+    }
+
+    /// Replace the taxonomy without a restart (SIGHUP): the new labels are embedded first and
+    /// swapped in whole, so every item is tagged with either the old or the new taxonomy.
+    /// Validate the labels (`TaggerConfig::validate`) before calling this.
+    pub async fn reload_labels(&self, labels: &[crate::config::LabelSpec]) -> Result<(), BatchError> {
+        let next = self.embed_taxonomy(labels).await?;
+        *self.taxonomy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Names of the taxonomy labels in use.
+    pub fn label_names(&self) -> Vec<String> {
+        self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).names.clone()
     }
 
     /// The model whose scores are emitted.
@@ -227,11 +263,15 @@ impl Tagger {
 
     /// Embed a whole text: windows, pooled (mean, renormalised). `None` for empty text.
     pub async fn embed_document(&self, text: &str) -> Result<Option<Vec<f32>>, BatchError> {
+        self.embed_document_with(text, Admit::Wait).await
+    }
+
+    async fn embed_document_with(&self, text: &str, admit: Admit) -> Result<Option<Vec<f32>>, BatchError> {
         let windows = self.encoder.windows(text, self.cfg.text.max_windows, self.cfg.text.stride);
         if windows.is_empty() {
             return Ok(None);
         }
-        let rows = self.batcher.infer(windows).await?;
+        let rows = admit.infer(&self.batcher, windows).await?;
         Ok(Some(mean_pool(&rows)))
     }
 
@@ -305,8 +345,18 @@ impl Tagger {
         Ok(out)
     }
 
-    /// Tag one item.
+    /// Tag one item; waits while the batcher queue is full (the stream's backpressure).
     pub async fn tag(&self, req: &TagRequest) -> Result<TagResult, TagError> {
+        self.tag_with(req, Admit::Wait).await
+    }
+
+    /// Tag one item, failing at once with `BatchError::QueueFull` when the batcher queue has no
+    /// room for its sequences (synchronous API callers: "busy, retry later").
+    pub async fn try_tag(&self, req: &TagRequest) -> Result<TagResult, TagError> {
+        self.tag_with(req, Admit::FailFast).await
+    }
+
+    async fn tag_with(&self, req: &TagRequest, admit: Admit) -> Result<TagResult, TagError> {
         let labels = match &req.candidate_labels {
             Some(c) => Some(self.check_candidates(c)?),
             None => None,
@@ -315,16 +365,17 @@ impl Tagger {
         if text.trim().is_empty() {
             return Ok(TagResult { tags: vec![], no_tags_reason: Some("empty_text".into()) });
         }
-        let names: Vec<String> = labels.clone().unwrap_or_else(|| self.taxonomy.names.clone());
+        let taxonomy = self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let names: Vec<String> = labels.clone().unwrap_or_else(|| taxonomy.names.clone());
         let scores = match &self.nli {
-            Some(nli) => self.nli_scores(nli, &text, &names).await?,
+            Some(nli) => self.nli_scores(nli, &text, &names, admit).await?,
             None => {
-                let Some(doc) = self.embed_document(&text).await? else {
+                let Some(doc) = self.embed_document_with(&text, admit).await? else {
                     return Ok(TagResult { tags: vec![], no_tags_reason: Some("empty_text".into()) });
                 };
                 let vectors = match &labels {
                     Some(l) => self.candidate_vectors(l).await?,
-                    None => self.taxonomy.vectors.clone(),
+                    None => taxonomy.vectors.clone(),
                 };
                 let cos: Vec<f32> = vectors.iter().map(|v| dot(&doc, v)).collect();
                 let e = &self.cfg.embedding;
@@ -348,13 +399,13 @@ impl Tagger {
     }
 
     /// Scores with the semantics of the transformers zero-shot-classification pipeline.
-    async fn nli_scores(&self, nli: &Nli, text: &str, labels: &[String]) -> Result<Vec<f32>, TagError> {
+    async fn nli_scores(&self, nli: &Nli, text: &str, labels: &[String], admit: Admit) -> Result<Vec<f32>, TagError> {
         let premise = nli.encoder.content_ids(text, nli.encoder.max_tokens * 8);
         if premise.is_empty() {
             return Ok(vec![0.0; labels.len()]);
         }
         let seqs: Vec<Seq> = labels.iter().map(|l| nli.encoder.pair(&premise, &nli.template.replace("{}", l))).collect();
-        let logits = nli.batcher.infer(seqs).await?;
+        let logits = admit.infer(&nli.batcher, seqs).await?;
         Ok(nli_pipeline_scores(&logits, nli.entailment, nli.contradiction, nli.multi_label))
     }
 }
