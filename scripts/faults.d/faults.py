@@ -17,6 +17,7 @@ restart is reported. Exit status 1 when any scenario lost data or missed its exp
 """
 import argparse
 import json
+import logging
 import os
 import random
 import signal
@@ -35,7 +36,10 @@ from pathlib import Path
 import fastavro
 import yaml
 from cassandra.cluster import Cluster
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+logging.getLogger("cassandra").setLevel(logging.CRITICAL)
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("STREAMOASIS_BIN", ROOT / "target/release/streamoasis"))
@@ -544,6 +548,12 @@ class Scenario:
             th.join(5)
         if not keep:
             self.db.drop(self.ks)
+            try:
+                topics = [self.input, self.tags, self.dlq, self.sink_dlq]
+                for f in AdminClient({"bootstrap.servers": KAFKA}).delete_topics(topics, operation_timeout=30).values():
+                    f.result(60)
+            except Exception as e:
+                log(f"{self.name}: deleting topics failed: {e}")
 
     def peak(self, role):
         v = [kb for _, r, kb in self.rss if r == role]
@@ -585,7 +595,7 @@ def scen_kill(run_dir, db, role, n, rate):
         v = s.verify(res["ids"])
         return s.result(n, v, s.recovery(fault_end, field))
     finally:
-        s.close()
+        s.close(KEEP)
 
 
 def scen_cql_stop(run_dir, db, n, rate, secs=20):
@@ -606,6 +616,8 @@ def scen_cql_stop(run_dir, db, n, rate, secs=20):
         fault_end = time.time()
         s.check(alive, "sink kept running through the outage (no restart)")
         th.join()
+        if "error" in res:
+            raise res["error"]
         s.check(s.wait_complete(res["ids"], 300), "all items written within 300 s of the database's return")
         v = s.verify(res["ids"])
         retries = s.procs["sink"].metric("streamoasis_retries_total")
@@ -613,7 +625,7 @@ def scen_cql_stop(run_dir, db, n, rate, secs=20):
     finally:
         if "cassandra" in CLEANUP:
             os.kill(CLEANUP.pop("cassandra"), signal.SIGCONT)
-        s.close()
+        s.close(KEEP)
 
 
 def scen_kafka_restart(run_dir, db, n, rate):
@@ -638,7 +650,7 @@ def scen_kafka_restart(run_dir, db, n, rate):
         v = s.verify(res["ids"])
         return s.result(n, v, s.recovery(fault_end, "rows"), {"outage_s": round(fault_end - t_stop, 1)})
     finally:
-        s.close()
+        s.close(KEEP)
 
 
 def scen_registry_at_start(run_dir, db, n, secs=20):
@@ -669,7 +681,7 @@ def scen_registry_at_start(run_dir, db, n, secs=20):
     finally:
         if CLEANUP.pop("registry", None):
             stack_up()
-        s.close()
+        s.close(KEEP)
 
 
 def scen_registry_mid_run(run_dir, db, n, secs=60):
@@ -693,7 +705,7 @@ def scen_registry_mid_run(run_dir, db, n, secs=60):
     finally:
         if CLEANUP.pop("registry", None):
             stack_up()
-        s.close()
+        s.close(KEEP)
 
 
 def poison_corpus(s):
@@ -786,7 +798,7 @@ def scen_poison(run_dir, db, goods, timeout):
                 r["notes"].append(f"{role} log tail: {s.procs[role].log_tail(5)}"[:1500])
         return r
     finally:
-        s.close()
+        s.close(KEEP)
 
 
 def scen_backlog(run_dir, db, n, timeout):
@@ -819,12 +831,13 @@ def scen_backlog(run_dir, db, n, timeout):
                 curve[role] = deciles
         return s.result(n, v, None, {"rss_deciles_mb": curve, "drain_s": round(took, 1), "items_per_s": round(n / took, 1)})
     finally:
-        s.close()
+        s.close(KEEP)
 
 
 # ---- main ---------------------------------------------------------------------------------------------
 
 CLEANUP = {}
+KEEP = False
 
 
 def cleanup_services():
@@ -869,8 +882,10 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated scenario names to run")
     ap.add_argument("--items", type=int, default=0, help="items per short scenario (default 800 quick, 3000 full)")
     ap.add_argument("--backlog", type=int, default=100_000, help="items in the backlog scenario (full run)")
-    ap.add_argument("--keep", action="store_true", help="keep keyspaces (topics are always kept: unique names)")
+    ap.add_argument("--keep", action="store_true", help="keep each scenario's topics and keyspace (for inspection)")
     args = ap.parse_args()
+    global KEEP
+    KEEP = args.keep
     if not BIN.exists():
         sys.exit(f"error: {BIN} not found: build it with `cargo build --release -p streamoasis`")
     n = args.items or (800 if args.quick else 3000)
