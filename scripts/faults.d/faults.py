@@ -384,7 +384,7 @@ class Scenario:
                 if x["name"] in (self.input, self.dlq):
                     x.setdefault("config", {})["max.message.bytes"] = str(BIG)
             t.setdefault("kafka", {}).setdefault("client", {})
-            t["kafka"]["client"] = dict(t["kafka"]["client"] or {}, **{"message.max.bytes": str(BIG)})
+            t["kafka"]["client"] = dict(t["kafka"]["client"] or {}, **{"message.max.bytes": str(BIG), "fetch.max.bytes": str(2 * BIG)})
         self.topo = self.dir / "topology.yaml"
         self.topo.write_text(yaml.safe_dump(t, sort_keys=False))
         env = dict(os.environ, STREAMOASIS_TOPOLOGY=str(self.topo))
@@ -441,9 +441,13 @@ class Scenario:
         for r in roles:
             self.procs[r].start()
 
+    def dead(self):
+        """A processor that exited and will not be restarted again (crash loop)."""
+        return any(not p.alive() and p.p is not None and self.restarts[r] >= 3 for r, p in self.procs.items())
+
     def wait_ready(self, roles, timeout=180):
         deadline = time.time() + timeout
-        while time.time() < deadline:
+        while time.time() < deadline and not self.dead():
             if all(self.procs[r].ready() for r in roles):
                 return True
             time.sleep(0.3)
@@ -452,7 +456,7 @@ class Scenario:
 
     def wait_for(self, cond, timeout, step=1.0):
         deadline = time.time() + timeout
-        while time.time() < deadline:
+        while time.time() < deadline and not self.dead():
             if cond():
                 return True
             time.sleep(step)
@@ -550,7 +554,8 @@ class Scenario:
             self.db.drop(self.ks)
             try:
                 topics = [self.input, self.tags, self.dlq, self.sink_dlq]
-                for f in AdminClient({"bootstrap.servers": KAFKA}).delete_topics(topics, operation_timeout=30).values():
+                admin = AdminClient({"bootstrap.servers": KAFKA})
+                for f in admin.delete_topics(topics, operation_timeout=30).values():
                     f.result(60)
             except Exception as e:
                 log(f"{self.name}: deleting topics failed: {e}")
@@ -906,6 +911,7 @@ def main():
     only = {x for x in args.only.split(",") if x}
     results = []
     t0 = time.time()
+    interrupted = False
 
     def on_signal(sig, _):
         raise KeyboardInterrupt()
@@ -928,6 +934,7 @@ def main():
             log(f"{name}: {'pass' if r['ok'] else 'FAIL'} lost={r.get('lost')} dup={r.get('duplicated')} in {r.get('elapsed_s')}s")
     except KeyboardInterrupt:
         log("interrupted")
+        interrupted = True
     finally:
         cleanup_services()
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -946,6 +953,8 @@ def main():
             if k in r:
                 print(f"  {r['scenario']}: {k} = {json.dumps(r[k])}")
     print(f"\nfault suite: {len(results)} scenarios in {time.time() - t0:.0f}s; details in {run_dir}")
+    if interrupted:
+        return 130
     failed = [r["scenario"] for r in results if not r.get("ok")]
     if failed:
         print(f"FAILED: {', '.join(failed)}")
