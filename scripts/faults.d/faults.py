@@ -689,7 +689,7 @@ def scen_registry_at_start(run_dir, db, n, secs=20):
         s.close(KEEP)
 
 
-def scen_registry_mid_run(run_dir, db, n, secs=60):
+def scen_registry_mid_run(run_dir, db, n, secs=240):
     s = Scenario("registry-down-mid-run", run_dir, db)
     try:
         s.start("tagger", "sink")
@@ -701,7 +701,9 @@ def scen_registry_mid_run(run_dir, db, n, secs=60):
         CLEANUP["registry"] = True
         second = s.produce_goods(n - n // 2, prefix=f"{s.name}-b")
         done = s.wait_complete(first + second, secs)
+        during = {r: s.procs[r].metric("streamoasis_retries_total") for r in ("tagger", "sink")}
         s.check(done, f"second half tagged and written while the registry is down (cached schemas), within {secs}s")
+        s.check(all(v == 0 for v in during.values()), f"no retries while the registry is down (retries_total {during})")
         stack_up()
         CLEANUP.pop("registry", None)
         s.check(s.wait_complete(first + second, 180), "everything done after the registry's return")
@@ -713,7 +715,13 @@ def scen_registry_mid_run(run_dir, db, n, secs=60):
         s.close(KEEP)
 
 
-def poison_corpus(s):
+# Random letters and digits: lz4 cannot shrink it, so a tagged event carrying it (key + value,
+# 1.2 MB) is over the tags topic's 1 MiB limit whatever the producer's compression.
+_rng = random.Random(600_000)
+LONG_ID = "".join(_rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") for _ in range(600_000))
+
+
+def poison_corpus(s, kinds=None):
     """[(kind, key, value bytes)]: at least 12 kinds of bad input."""
     c = s.codec
     good = lambda mid, **kw: dict(good_item(mid, 0), **kw)
@@ -735,7 +743,7 @@ def poison_corpus(s):
         ("other_schema", b"poison-other", c.frame({"a": 7, "b": "not a media item"}, other_id, oth)),
         ("deep_recursion", b"poison-deep", b"\x00" + struct.pack(">I", deep_id) + deep_body),
         ("huge_transcript_10mb", b"poison-huge", c.frame(good("poison-huge", transcript="word " * 2_000_000))),
-        ("media_id_600k", b"poison-long-id", c.frame(good("L" * 600_000))),
+        ("media_id_600k", b"poison-long-id", c.frame(good(LONG_ID))),
         ("empty_strings", b"poison-empty", c.frame(good("", title="", source="", language=""))),
         ("control_chars", b"poison-ctl", c.frame(good("poison-ctl\x00\x01\x1b[2J", title="\x00\x07\x08\x1b[31mred\x7f", description="\x00" * 100))),
         ("labels_10000", b"poison-labels", c.frame(good("poison-labels", candidate_labels=[f"label-{i}" for i in range(10_000)]))),
@@ -743,16 +751,18 @@ def poison_corpus(s):
         ("empty_payload", b"poison-null", None),
         ("framing_only", b"poison-framing", valid[:5]),
     ]
+    if kinds:
+        out = [x for x in out if x[0] in kinds]
     # media ids a poison would carry into the tags topic, were it tagged instead of dead-lettered
-    tagged_keys = {"poison-truncated": None, "poison-huge": "huge_transcript_10mb", "L" * 600_000: "media_id_600k", "": "empty_strings",
+    tagged_keys = {"poison-truncated": None, "poison-huge": "huge_transcript_10mb", LONG_ID: "media_id_600k", "": "empty_strings",
                    "poison-ctl\x00\x01\x1b[2J": "control_chars", "poison-labels": "labels_10000", "poison-attrs": "attributes_100000", "poison-deep": "deep_recursion"}
     return out, tagged_keys
 
 
-def scen_poison(run_dir, db, goods, timeout):
+def scen_poison(run_dir, db, goods, timeout, kinds=None):
     s = Scenario("poison-corpus", run_dir, db, big=True)
     try:
-        corpus, tagged_keys = poison_corpus(s)
+        corpus, tagged_keys = poison_corpus(s, kinds)
         s.start("tagger", "sink")
         s.wait_ready(["tagger", "sink"])
         p = producer(big=True)
@@ -887,6 +897,7 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated scenario names to run")
     ap.add_argument("--items", type=int, default=0, help="items per short scenario (default 800 quick, 3000 full)")
     ap.add_argument("--backlog", type=int, default=100_000, help="items in the backlog scenario (full run)")
+    ap.add_argument("--poison", default="", help="comma-separated poison kinds to send (default: all)")
     ap.add_argument("--keep", action="store_true", help="keep each scenario's topics and keyspace (for inspection)")
     args = ap.parse_args()
     global KEEP
@@ -901,8 +912,8 @@ def main():
     plan = [
         ("kill9-tagger", True, lambda: scen_kill(run_dir, db, "tagger", n, rate)),
         ("kill9-sink", True, lambda: scen_kill(run_dir, db, "sink", n, rate)),
-        ("poison-corpus", True, lambda: scen_poison(run_dir, db, 300 if args.quick else 1000, 120 if args.quick else 300)),
-        ("registry-down-mid-run", True, lambda: scen_registry_mid_run(run_dir, db, n // 2 if args.quick else n)),
+        ("poison-corpus", True, lambda: scen_poison(run_dir, db, 300 if args.quick else 1000, 120 if args.quick else 300, {k for k in args.poison.split(",") if k})),
+        ("registry-down-mid-run", True, lambda: scen_registry_mid_run(run_dir, db, n // 2)),
         ("cql-stopped", False, lambda: scen_cql_stop(run_dir, db, n, rate)),
         ("kafka-restart", False, lambda: scen_kafka_restart(run_dir, db, n, rate)),
         ("registry-down-at-start", False, lambda: scen_registry_at_start(run_dir, db, n // 2)),
