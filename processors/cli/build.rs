@@ -1,6 +1,25 @@
 // Embed libtorch's directory as an rpath so test binaries run without LD_LIBRARY_PATH.
+//
+// With the `cuda` feature, link libtorch_cuda (and c10_cuda) even though no symbol of theirs is
+// referenced: the linker would drop them (`--as-needed`), and without them loaded libtorch
+// registers no CUDA backend, so `cuda:N` fails. Only when the libtorch has them (a CPU-only
+// libtorch has not: the feature then warns and builds a CPU binary).
 fn main() {
-    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+    println!("cargo:rerun-if-changed=build.rs");
+    let dir = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
+    if let Some(dir) = &dir {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        match &dir {
+            Some(dir) if std::path::Path::new(dir).join("libtorch_cuda.so").exists() => {
+                println!("cargo:rustc-link-arg=-L{dir}");
+                println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
+            }
+            _ => println!(
+                "cargo:warning=feature `cuda`: libtorch_cuda.so not found next to libtorch ({}); building a CPU-only binary",
+                dir.as_deref().unwrap_or("DEP_TCH_LIBTORCH_LIB unset")
+            ),
+        }
     }
 }

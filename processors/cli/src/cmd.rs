@@ -16,18 +16,19 @@ use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTagged};
 use streamoasis_pipeline::kafka::{client_config, producer, run as run_processor, wait_for_broker, RunnerConfig};
 use streamoasis_pipeline::topology::Topology;
+use streamoasis_pipeline::telemetry::Health;
 use streamoasis_pipeline::{admin, telemetry, CancellationToken};
 use streamoasis_sink::{SinkConfig, SinkProcessor, TagWriter};
 use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig, TaggerProcessor};
 
 use crate::cli::{Cli, Command, Common, DbAction, ProduceArgs, RunArgs, TagArgs, TailArgs, TopologyAction};
 
-/// Dispatch a parsed command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Dispatch a parsed command line; `shutdown` is cancelled on SIGTERM / Ctrl-C.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let c = &cli.common;
     match cli.command {
-        Command::Tagger(a) => tagger(c, a).await,
-        Command::Sink(a) => sink(c, a).await,
+        Command::Tagger(a) => tagger(c, a, shutdown).await,
+        Command::Sink(a) => sink(c, a, shutdown).await,
         Command::Topology { action: TopologyAction::Apply { no_db } } => apply(c, no_db).await,
         Command::Topology { action: TopologyAction::Check } => check(c),
         Command::Produce(a) => produce(c, a).await,
@@ -42,7 +43,7 @@ fn load(c: &Common) -> anyhow::Result<Topology> {
 }
 
 /// Cancelled on SIGTERM or Ctrl-C.
-fn shutdown_on_signal() -> CancellationToken {
+pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -60,42 +61,52 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-fn start_metrics(a: &RunArgs) {
+fn start_metrics(a: &RunArgs, health: &Arc<Health>) {
     if let Some(addr) = a.metrics_addr {
+        let health = health.clone();
         tokio::spawn(async move {
-            if let Err(e) = telemetry::serve_metrics(addr).await {
+            if let Err(e) = telemetry::serve_metrics(addr, health).await {
                 tracing::error!(%addr, error = %e, "metrics server failed");
             }
         });
     }
 }
 
-async fn tagger(c: &Common, a: RunArgs) -> anyhow::Result<()> {
+async fn tagger(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-tagger");
     let topo = load(c)?;
     let cfg = TaggerConfig::from_topology(&topo)?;
+    let health = Health::new();
+    start_metrics(&a, &health);
     wait_for_broker(&c.kafka, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
-    start_metrics(&a);
     let started = Instant::now();
-    let tagger = Arc::new(Tagger::load(cfg).await?);
+    let tagger = tokio::select! {
+        t = Tagger::load(cfg) => Arc::new(t?),
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(model = %tagger.model_ref().name, strategy = ?tagger.strategy(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
-    let runner = RunnerConfig { brokers: c.kafka.clone(), spec: topo.file.processors.tagger.clone(), client: topo.file.kafka.client.clone() };
-    run_processor(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown_on_signal()).await?;
+    let alive = tagger.clone();
+    health.add_check("model thread", move || alive.is_alive());
+    health.set_loaded(true);
+    let runner = RunnerConfig::new(c.kafka.clone(), topo.file.processors.tagger.clone(), topo.file.kafka.client.clone()).with_health(health);
+    run_processor(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown).await?;
     Ok(())
 }
 
-async fn sink(c: &Common, a: RunArgs) -> anyhow::Result<()> {
+async fn sink(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-sink");
     let topo = load(c)?;
     let cfg = SinkConfig::from_topology(&topo)?;
+    let health = Health::new();
+    start_metrics(&a, &health);
     wait_for_broker(&c.kafka, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
-    start_metrics(&a);
     let session = Arc::new(streamoasis_sink::connect(&c.scylla, &cfg).await?);
     let writer = Arc::new(TagWriter::new(session, &cfg).await?);
-    let runner = RunnerConfig { brokers: c.kafka.clone(), spec: topo.file.processors.sink.clone(), client: topo.file.kafka.client.clone() };
-    run_processor(runner, codec, Arc::new(SinkProcessor::new(writer)), shutdown_on_signal()).await?;
+    health.set_loaded(true);
+    let runner = RunnerConfig::new(c.kafka.clone(), topo.file.processors.sink.clone(), topo.file.kafka.client.clone()).with_health(health);
+    run_processor(runner, codec, Arc::new(SinkProcessor::new(writer)), shutdown).await?;
     Ok(())
 }
 

@@ -14,7 +14,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cmd::run(args)) {
+    // Signals are handled from here on: a SIGTERM during start-up (model load, connections) stops
+    // the process cleanly instead of killing it mid-way.
+    match rt.block_on(async {
+        let shutdown = cmd::shutdown_on_signal();
+        cmd::run(args, shutdown).await
+    }) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

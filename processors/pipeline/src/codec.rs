@@ -13,44 +13,17 @@ use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSett
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
+use crate::error::{limits, ErrorKind};
 use crate::events::{avro, Event};
-
-/// Why a record could not be decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PoisonKind {
-    /// The record has no value.
-    EmptyPayload,
-    /// Not in the Confluent framing (magic byte 0 + schema id).
-    BadFraming,
-    /// The registry does not know the schema id.
-    UnknownSchemaId,
-    /// The bytes do not decode with the writer schema, or the writer schema cannot be resolved
-    /// against our reader schema.
-    Undecodable,
-    /// Decoded, but a field is missing or has an invalid value.
-    InvalidField,
-}
-
-impl PoisonKind {
-    /// Stable name used in DLQ headers and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoisonKind::EmptyPayload => "empty_payload",
-            PoisonKind::BadFraming => "bad_framing",
-            PoisonKind::UnknownSchemaId => "unknown_schema_id",
-            PoisonKind::Undecodable => "undecodable",
-            PoisonKind::InvalidField => "invalid_field",
-        }
-    }
-}
 
 /// A codec failure, typed by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// The record itself is bad: send it to the dead-letter topic.
-    #[error("{}: {message}", kind.as_str())]
-    Poison { kind: PoisonKind, message: String, schema_id: Option<u32> },
-    /// The registry could not be reached or answered 5xx: retry with backoff.
+    #[error("{kind}: {message}")]
+    Poison { kind: ErrorKind, message: String, schema_id: Option<u32> },
+    /// The registry could not be reached, timed out, or answered 5xx, 429, 401 or 403: retry
+    /// with backoff (a registry hiccup never dead-letters a valid record).
     #[error("schema registry unavailable: {0}")]
     Unavailable(String),
     /// Our own data does not fit the registered schema (a deployment error): stop.
@@ -127,39 +100,18 @@ impl Codec {
     pub async fn decode<E: Event>(&self, payload: Option<&[u8]>) -> Result<Decoded<E>, CodecError> {
         let poison = |kind, message: String, schema_id| CodecError::Poison { kind, message, schema_id };
         let bytes = match payload {
-            None | Some([]) => return Err(poison(PoisonKind::EmptyPayload, "record has no value".into(), None)),
+            None | Some([]) => return Err(poison(ErrorKind::EmptyPayload, "record has no value".into(), None)),
             Some(b) => b,
         };
-        if bytes.len() < 5 || bytes[0] != 0 {
-            return Err(poison(
-                PoisonKind::BadFraming,
-                format!(
-                    "expected the Confluent framing (magic byte 0 then a 4-byte schema id); got {} bytes starting {:02x?}",
-                    bytes.len(),
-                    &bytes[..bytes.len().min(5)]
-                ),
-                None,
-            ));
-        }
-        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let id = frame_id(bytes)?;
         let writer = match self.decoder.get_schema(id).await {
             Ok(s) => s,
-            Err(e) if e.retriable => {
-                self.decoder.remove_errors_from_cache();
-                return Err(CodecError::Unavailable(e.to_string()));
-            }
             Err(e) => {
                 self.decoder.remove_errors_from_cache();
-                return Err(poison(PoisonKind::UnknownSchemaId, format!("schema id {id}: {}", e.error), Some(id)));
+                return Err(classify_registry_error(id, &e));
             }
         };
-        let mut body = &bytes[5..];
-        // The one-call form resolves writer against reader schema; its builder replacement adds nothing here.
-        #[allow(deprecated)]
-        let value = apache_avro::from_avro_datum(&writer.parsed, &mut body, Some(E::schema()))
-            .map_err(|e| poison(PoisonKind::Undecodable, e.to_string(), Some(id)))?;
-        let event = avro::from_value::<E>(value).map_err(|e| poison(PoisonKind::InvalidField, e.to_string(), Some(id)))?;
-        Ok(Decoded { event, schema_id: id })
+        decode_body::<E>(&writer.parsed, id, &bytes[5..])
     }
 
     /// Encode `event` with the latest schema registered under `<topic>-value`.
@@ -212,5 +164,148 @@ impl Codec {
         out.extend_from_slice(&schema_id.to_be_bytes());
         out.extend(avro::to_datum(event)?);
         Ok(out)
+    }
+}
+
+/// The writer schema id of a framed record, or why the framing is wrong.
+pub fn frame_id(bytes: &[u8]) -> Result<u32, CodecError> {
+    if bytes.len() < 5 || bytes[0] != 0 {
+        return Err(CodecError::Poison {
+            kind: ErrorKind::BadFraming,
+            message: format!(
+                "expected the Confluent framing (magic byte 0 then a 4-byte schema id); got {} bytes starting {:02x?}",
+                bytes.len(),
+                &bytes[..bytes.len().min(5)]
+            ),
+            schema_id: None,
+        });
+    }
+    Ok(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]))
+}
+
+/// Decode an Avro body written with `writer` into `E`, resolving against `E`'s schema. Pure: the
+/// registry lookup is done by the caller. Writer schemas that are recursive or nested deeper than
+/// [`limits::MAX_SCHEMA_DEPTH`] are refused before any byte is read (the Avro decoder recurses
+/// once per nesting level, so such a schema with a deep datum would overflow the stack).
+pub fn decode_body<E: Event>(writer: &apache_avro::Schema, schema_id: u32, body: &[u8]) -> Result<Decoded<E>, CodecError> {
+    let poison = |kind, message: String| CodecError::Poison { kind, message, schema_id: Some(schema_id) };
+    if let Err(m) = check_schema_depth(writer, limits::MAX_SCHEMA_DEPTH) {
+        return Err(poison(ErrorKind::SchemaTooDeep, format!("writer schema {schema_id}: {m}")));
+    }
+    let mut body = body;
+    // The one-call form resolves writer against reader schema; its builder replacement adds nothing here.
+    #[allow(deprecated)]
+    let value = apache_avro::from_avro_datum(writer, &mut body, Some(E::schema())).map_err(|e| poison(ErrorKind::Undecodable, e.to_string()))?;
+    let event = avro::from_value::<E>(value).map_err(|e| poison(ErrorKind::InvalidField, e.to_string()))?;
+    Ok(Decoded { event, schema_id })
+}
+
+/// Refuse recursive schemas (a named type that contains itself) and schemas nested deeper than
+/// `max` levels of records, arrays, maps and unions.
+pub fn check_schema_depth(schema: &apache_avro::Schema, max: usize) -> Result<(), String> {
+    use apache_avro::Schema;
+    fn walk<'a>(s: &'a Schema, depth: usize, max: usize, stack: &mut Vec<&'a apache_avro::schema::Name>) -> Result<(), String> {
+        if depth > max {
+            return Err(format!("nested deeper than {max} levels"));
+        }
+        match s {
+            Schema::Record(r) => {
+                if stack.contains(&&r.name) {
+                    return Err(format!("type '{}' is recursive", r.name));
+                }
+                stack.push(&r.name);
+                for f in &r.fields {
+                    walk(&f.schema, depth + 1, max, stack)?;
+                }
+                stack.pop();
+                Ok(())
+            }
+            Schema::Ref { name } => {
+                if stack.contains(&name) {
+                    Err(format!("type '{name}' is recursive"))
+                } else {
+                    // A reference to a type defined elsewhere in the schema, already walked there.
+                    Ok(())
+                }
+            }
+            Schema::Array(a) => walk(&a.items, depth + 1, max, stack),
+            Schema::Map(m) => walk(&m.types, depth + 1, max, stack),
+            Schema::Union(u) => u.variants().iter().try_for_each(|v| walk(v, depth + 1, max, stack)),
+            _ => Ok(()),
+        }
+    }
+    walk(schema, 0, max, &mut Vec::new())
+}
+
+/// A registry failure on a schema id: only "not found" is the record's fault (poison); every
+/// other failure (unreachable, timeout, 5xx, 429, 401, 403) is the registry's and is retried.
+fn classify_registry_error(id: u32, e: &SRCError) -> CodecError {
+    let text = e.to_string();
+    let not_found = text.contains("status 404") || text.contains("40403");
+    let http_status = text.contains("failed with status");
+    if e.retriable || (http_status && !not_found) {
+        CodecError::Unavailable(format!("schema id {id}: {text}"))
+    } else if not_found {
+        CodecError::Poison { kind: ErrorKind::UnknownSchemaId, message: format!("schema id {id}: {}", e.error), schema_id: Some(id) }
+    } else {
+        // The registry answered, but with a schema that does not parse.
+        CodecError::Poison { kind: ErrorKind::Undecodable, message: format!("schema id {id}: {text}"), schema_id: Some(id) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::MediaIngested;
+
+    #[test]
+    fn recursive_and_deep_writer_schemas_are_refused() {
+        let recursive = apache_avro::Schema::parse_str(
+            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"],"default":null}]}"#,
+        )
+        .unwrap();
+        let e = check_schema_depth(&recursive, limits::MAX_SCHEMA_DEPTH).unwrap_err();
+        assert!(e.contains("recursive"), "{e}");
+        let mut deep = String::from(r#""string""#);
+        for _ in 0..40 {
+            deep = format!(r#"{{"type":"array","items":{deep}}}"#);
+        }
+        let deep = apache_avro::Schema::parse_str(&deep).unwrap();
+        assert!(check_schema_depth(&deep, limits::MAX_SCHEMA_DEPTH).unwrap_err().contains("deeper"));
+        check_schema_depth(MediaIngested::schema(), limits::MAX_SCHEMA_DEPTH).unwrap();
+    }
+
+    #[test]
+    fn a_recursive_writer_with_a_deep_datum_is_poison_not_a_crash() {
+        let writer = apache_avro::Schema::parse_str(
+            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"],"default":null}]}"#,
+        )
+        .unwrap();
+        // 200,000 levels of "next is a Node": union index 1 (zig-zag 2) repeated, then null.
+        let mut body = vec![2u8; 200_000];
+        body.push(0);
+        match decode_body::<MediaIngested>(&writer, 7, &body) {
+            Err(CodecError::Poison { kind: ErrorKind::SchemaTooDeep, schema_id: Some(7), .. }) => {}
+            other => panic!("expected schema_too_deep, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_errors_are_poison() {
+        assert!(matches!(frame_id(&[1, 0, 0, 0, 1, 9]), Err(CodecError::Poison { kind: ErrorKind::BadFraming, .. })));
+        assert!(matches!(frame_id(&[0, 0, 0]), Err(CodecError::Poison { kind: ErrorKind::BadFraming, .. })));
+        assert_eq!(frame_id(&[0, 0, 0, 1, 2, 9]).unwrap(), 258);
+    }
+
+    #[test]
+    fn registry_errors_are_classified_by_status() {
+        let not_found = SRCError::new("HTTP request to schema registry failed with status 404 Not Found", Some("40403 schema not found".into()), false);
+        assert!(matches!(classify_registry_error(3, &not_found), CodecError::Poison { kind: ErrorKind::UnknownSchemaId, .. }));
+        for status in ["500 Internal Server Error", "504 Gateway Timeout", "429 Too Many Requests", "401 Unauthorized", "403 Forbidden"] {
+            let e = SRCError::new(&format!("HTTP request to schema registry failed with status {status}"), None, false);
+            assert!(matches!(classify_registry_error(3, &e), CodecError::Unavailable(_)), "{status}");
+        }
+        let down = SRCError::new("http call to schema registry failed", Some("connection refused".into()), true);
+        assert!(matches!(classify_registry_error(3, &down), CodecError::Unavailable(_)));
     }
 }

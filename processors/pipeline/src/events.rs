@@ -22,6 +22,10 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn key(&self) -> &str;
     /// The parsed reader schema, parsed once.
     fn schema() -> &'static Schema;
+    /// When the item entered the pipeline (ms since the epoch), for end-to-end latency.
+    fn ingested_at_ms(&self) -> Option<i64> {
+        None
+    }
 }
 
 macro_rules! event_schema {
@@ -81,6 +85,9 @@ impl Event for MediaIngested {
     }
     fn schema() -> &'static Schema {
         event_schema!(MEDIA_INGESTED_AVSC)
+    }
+    fn ingested_at_ms(&self) -> Option<i64> {
+        Some(self.ingested_at)
     }
 }
 
@@ -153,6 +160,9 @@ impl Event for MediaTagged {
     }
     fn schema() -> &'static Schema {
         event_schema!(MEDIA_TAGGED_AVSC)
+    }
+    fn ingested_at_ms(&self) -> Option<i64> {
+        Some(self.ingested_at)
     }
 }
 

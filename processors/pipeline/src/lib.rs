@@ -7,6 +7,7 @@
 //! - [`codec`]: Avro in the Confluent framing through a schema registry; poison vs retry.
 //! - [`topology`]: `topology.yaml` parsed and validated into typed config.
 //! - [`processor`]: the [`Processor`](processor::Processor) trait every processor implements.
+//! - [`error`]: the error taxonomy (poison / transient / fatal) and the input limits.
 //! - [`kafka`]: the run loop (consume → process → produce → store offsets), DLQ, backpressure,
 //!   rebalances and shutdown. [`offsets`] holds the per-partition watermark it relies on.
 //! - [`admin`]: `topology apply` for topics and schemas.
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod codec;
+pub mod error;
 pub mod events;
 pub mod kafka;
 pub mod offsets;

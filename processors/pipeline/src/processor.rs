@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use crate::error::ErrorKind;
 use crate::events::Event;
 
 /// Where an input record came from.
@@ -19,23 +20,31 @@ pub struct RecordMeta {
     pub timestamp_ms: Option<i64>,
 }
 
-/// A processing failure, typed by what the run loop must do.
+/// A processing failure, typed by what the run loop must do (see [`crate::error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     /// The record cannot be processed, ever: send it to the dead-letter topic and go on.
     #[error("{kind}: {message}")]
     Poison {
         /// Stable, low-cardinality reason (DLQ header `error.kind`, metric label).
-        kind: &'static str,
+        kind: ErrorKind,
         /// Human-readable detail.
         message: String,
     },
-    /// A dependency is unavailable (database down, timeout): retry the record with backoff.
+    /// A dependency is unavailable (database down, timeout, overloaded): retry the record with
+    /// backoff; escalates to fatal after the processor's `transient_budget`.
     #[error("transient: {0}")]
     Transient(String),
     /// The processor cannot go on (bad deployment, lost model): stop, exit non-zero.
     #[error("fatal: {0}")]
     Fatal(String),
+}
+
+impl ProcessError {
+    /// A poison error of `kind`.
+    pub fn poison(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ProcessError::Poison { kind, message: message.into() }
+    }
 }
 
 /// A stateless stream processor: decoded input in, output events out.

@@ -6,7 +6,9 @@
 //!   are constants below; labels are low-cardinality (processor, outcome, kind) — never per media.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -32,6 +34,15 @@ pub struct Metrics {
     pub paused: IntGaugeVec,
     /// Time from read to handled (output acknowledged / rows written / DLQ acknowledged).
     pub latency: HistogramVec,
+    /// Time from the item's `ingested_at` to handled here (tagger: tagged event acknowledged;
+    /// sink: rows written).
+    pub e2e_latency: HistogramVec,
+    /// Consumer lag per assigned partition (from librdkafka statistics, every 5 s).
+    pub lag: IntGaugeVec,
+    /// Errors reported by the Kafka consumer.
+    pub consumer_errors: IntCounterVec,
+    /// Fatal errors (the process is about to exit non-zero).
+    pub fatal: IntCounterVec,
 }
 
 /// The run loop's metrics, registered once.
@@ -51,13 +62,24 @@ pub fn metrics() -> &'static Metrics {
                 &["processor"],
             )
             .unwrap(),
+            e2e_latency: HistogramVec::new(
+                HistogramOpts::new("streamoasis_e2e_latency_seconds", "Time from ingested_at to handled by this processor")
+                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                &["processor"],
+            )
+            .unwrap(),
+            lag: IntGaugeVec::new(Opts::new("streamoasis_consumer_lag", "Records behind the partition's end, per assigned partition"), &["processor", "topic", "partition"]).unwrap(),
+            consumer_errors: IntCounterVec::new(Opts::new("streamoasis_consumer_errors_total", "Errors reported by the Kafka consumer"), &["processor"]).unwrap(),
+            fatal: IntCounterVec::new(Opts::new("streamoasis_fatal_errors_total", "Fatal errors (the process exits non-zero)"), &["processor"]).unwrap(),
         };
-        for c in [&m.records, &m.dead_letters, &m.retries] {
+        for c in [&m.records, &m.dead_letters, &m.retries, &m.consumer_errors, &m.fatal] {
             let _ = r.register(Box::new(c.clone()));
         }
         let _ = r.register(Box::new(m.in_flight.clone()));
         let _ = r.register(Box::new(m.paused.clone()));
         let _ = r.register(Box::new(m.latency.clone()));
+        let _ = r.register(Box::new(m.e2e_latency.clone()));
+        let _ = r.register(Box::new(m.lag.clone()));
         m
     })
 }
@@ -69,33 +91,237 @@ pub fn render() -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Mark the process ready (consuming) or not (starting, draining): `GET /readyz` follows it.
-pub fn set_ready(ready: bool) {
-    READY.store(ready, std::sync::atomic::Ordering::SeqCst);
+/// What `/healthz` (liveness) and `/readyz` (readiness) answer, shared by the run loop, the
+/// model and the HTTP server. Passed in, never process-global, so tests run several processors in
+/// one process.
+///
+/// - Ready: the model (or other start-up work) is loaded, and partitions are assigned or the
+///   group is idle (nothing to assign).
+/// - Alive: no fatal error; no registered component reports itself dead (the model thread); the
+///   run loop is not stalled (records in flight and none completed for `stall_timeout`); the
+///   consumer has not reported only errors for `consumer_error_timeout`.
+pub struct Health {
+    loaded: AtomicBool,
+    consuming: AtomicBool,
+    fatal: std::sync::Mutex<Option<String>>,
+    in_flight: AtomicU64,
+    last_progress_ms: AtomicU64,
+    error_since_ms: AtomicU64,
+    stall_timeout_ms: AtomicU64,
+    error_timeout_ms: AtomicU64,
+    #[allow(clippy::type_complexity)]
+    checks: std::sync::Mutex<Vec<(&'static str, Box<dyn Fn() -> bool + Send + Sync>)>>,
 }
 
-/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (model loaded and consuming) until the
-/// runtime stops.
-pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<()> {
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").field("ready", &self.ready()).field("alive", &self.alive()).finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            loaded: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
+            fatal: std::sync::Mutex::new(None),
+            in_flight: AtomicU64::new(0),
+            last_progress_ms: AtomicU64::new(now_ms()),
+            error_since_ms: AtomicU64::new(0),
+            stall_timeout_ms: AtomicU64::new(300_000),
+            error_timeout_ms: AtomicU64::new(120_000),
+            checks: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Health {
+    /// A fresh state: not ready, alive.
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Health::default())
+    }
+    /// Start-up work (model load, database connection) is done.
+    pub fn set_loaded(&self, v: bool) {
+        self.loaded.store(v, Ordering::SeqCst);
+    }
+    /// The run loop is consuming (assigned or idle in its group), or not (starting, draining).
+    pub fn set_consuming(&self, v: bool) {
+        self.consuming.store(v, Ordering::SeqCst);
+    }
+    /// Thresholds for liveness (from the processor's topology section).
+    pub fn set_thresholds(&self, stall: Duration, consumer_errors: Duration) {
+        self.stall_timeout_ms.store(stall.as_millis() as u64, Ordering::SeqCst);
+        self.error_timeout_ms.store(consumer_errors.as_millis() as u64, Ordering::SeqCst);
+    }
+    /// A component reports whether it is alive (e.g. the model thread); checked on every probe.
+    pub fn add_check(&self, name: &'static str, alive: impl Fn() -> bool + Send + Sync + 'static) {
+        self.checks.lock().unwrap().push((name, Box::new(alive)));
+    }
+    /// A fatal error: liveness fails from now on.
+    pub fn set_fatal(&self, why: impl Into<String>) {
+        self.fatal.lock().unwrap().get_or_insert(why.into());
+    }
+    /// Records in flight now.
+    pub fn set_in_flight(&self, n: usize) {
+        if n == 0 {
+            self.last_progress_ms.store(now_ms(), Ordering::SeqCst);
+        }
+        self.in_flight.store(n as u64, Ordering::SeqCst);
+    }
+    /// A record completed.
+    pub fn progress(&self) {
+        self.last_progress_ms.store(now_ms(), Ordering::SeqCst);
+    }
+    /// The consumer reported an error (`true`) or delivered a record (`false`).
+    pub fn consumer_error(&self, failing: bool) {
+        if failing {
+            let _ = self.error_since_ms.compare_exchange(0, now_ms(), Ordering::SeqCst, Ordering::SeqCst);
+        } else {
+            self.error_since_ms.store(0, Ordering::SeqCst);
+        }
+    }
+    /// How long the consumer has reported only errors.
+    pub fn consumer_failing_for(&self) -> Duration {
+        match self.error_since_ms.load(Ordering::SeqCst) {
+            0 => Duration::ZERO,
+            t => Duration::from_millis(now_ms().saturating_sub(t)),
+        }
+    }
+    /// `Ok` when ready to take traffic, else why not.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if !self.loaded.load(Ordering::SeqCst) {
+            return Err("starting: model or database not loaded yet");
+        }
+        if !self.consuming.load(Ordering::SeqCst) {
+            return Err("not consuming (starting or draining)");
+        }
+        Ok(())
+    }
+    /// `Ok` while alive, else why not (liveness fails: the orchestrator restarts the process).
+    pub fn alive(&self) -> Result<(), String> {
+        if let Some(f) = self.fatal.lock().unwrap().as_ref() {
+            return Err(format!("fatal: {f}"));
+        }
+        for (name, check) in self.checks.lock().unwrap().iter() {
+            if !check() {
+                return Err(format!("{name} is not running"));
+            }
+        }
+        let now = now_ms();
+        let stall = self.stall_timeout_ms.load(Ordering::SeqCst);
+        let since = now.saturating_sub(self.last_progress_ms.load(Ordering::SeqCst));
+        if self.in_flight.load(Ordering::SeqCst) > 0 && since > stall {
+            return Err(format!("no record completed for {}s with {} in flight", since / 1000, self.in_flight.load(Ordering::SeqCst)));
+        }
+        let failing = self.consumer_failing_for();
+        if failing.as_millis() as u64 > self.error_timeout_ms.load(Ordering::SeqCst) {
+            return Err(format!("the Kafka consumer has reported only errors for {}s", failing.as_secs()));
+        }
+        Ok(())
+    }
+}
+
+/// The health and metrics routes (`/metrics`, `/healthz`, `/readyz`), for any axum server.
+pub fn health_routes(health: Arc<Health>) -> axum::Router {
     use axum::{http::StatusCode, routing::get, Router};
-    let app = Router::new()
+    let live = health.clone();
+    Router::new()
         .route("/metrics", get(|| async { render() }))
-        .route("/healthz", get(|| async { "ok" }))
         .route(
-            "/readyz",
-            get(|| async {
-                if READY.load(std::sync::atomic::Ordering::SeqCst) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            "/healthz",
+            get(move || {
+                let h = live.clone();
+                async move {
+                    match h.alive() {
+                        Ok(()) => (StatusCode::OK, "ok".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
                 }
             }),
-        );
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let h = health.clone();
+                async move {
+                    match h.ready() {
+                        Ok(()) => (StatusCode::OK, "ready"),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
+            }),
+        )
+}
+
+/// Serve `/metrics`, `/healthz` (liveness) and `/readyz` (readiness) until the runtime stops.
+pub async fn serve_metrics(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
-    axum::serve(listener, app).await
+    axum::serve(listener, health_routes(health)).await
+}
+
+/// W3C trace context in Kafka headers (`traceparent`, `tracestate`).
+struct HeaderExtractor<'a>(Vec<(&'a str, &'a str)>);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| *v)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+fn text_headers<H: rdkafka::message::Headers>(headers: Option<&H>) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    if let Some(h) = headers {
+        for hdr in h.iter() {
+            if let Some(v) = hdr.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                out.push((hdr.key, v));
+            }
+        }
+    }
+    out
+}
+
+/// Make the W3C trace context carried in a record's headers the parent of `span`, so one
+/// item's spans across processes share a trace id.
+pub fn set_parent_from_headers<H: rdkafka::message::Headers>(span: &tracing::Span, headers: Option<&H>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let pairs = text_headers(headers);
+    if pairs.iter().any(|(k, _)| *k == "traceparent") {
+        let extractor = HeaderExtractor(pairs);
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&extractor));
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Headers carrying the current span's trace context to an output record. Without a tracer
+/// installed, the input's own `traceparent`/`tracestate` are passed through unchanged.
+pub fn trace_headers(msg: &rdkafka::message::OwnedMessage) -> rdkafka::message::OwnedHeaders {
+    use opentelemetry::trace::TraceContextExt;
+    use rdkafka::message::{Header, Message, OwnedHeaders};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut h = OwnedHeaders::new();
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        let mut map = std::collections::HashMap::new();
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
+        for (k, v) in &map {
+            h = h.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
+        }
+        return h;
+    }
+    for (k, v) in text_headers(msg.headers()) {
+        if k == "traceparent" || k == "tracestate" {
+            h = h.insert(Header { key: k, value: Some(v) });
+        }
+    }
+    h
 }
 
 /// Guard that flushes traces on drop.
@@ -120,6 +346,7 @@ pub fn init(service: &str) -> TelemetryGuard {
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
     let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
 
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let mut provider = None;
     let otel = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
         use opentelemetry::trace::TracerProvider as _;

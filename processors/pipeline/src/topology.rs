@@ -103,7 +103,73 @@ pub struct ProcessorSpec {
     /// librdkafka prefetch cap per partition (`queued.max.messages.kbytes` / partitions).
     #[serde(default = "default_prefetch")]
     pub max_prefetch_kbytes: u32,
+    /// Larger input records are dead-lettered (`record_too_large`) before any decoding.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// How long one record may keep failing transiently (database down, registry 5xx) before
+    /// the error escalates to fatal: liveness fails and the process exits non-zero, so the
+    /// orchestrator restarts it and alerts fire. Longer rides out longer outages silently.
+    #[serde(default = "default_transient_budget", with = "humantime_serde")]
+    pub transient_budget: Duration,
+    /// Liveness fails when records are in flight and none completed for this long.
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Liveness fails when the consumer reports only errors (authentication, authorisation,
+    /// broker unreachable) for this long.
+    #[serde(default = "default_consumer_error_timeout", with = "humantime_serde")]
+    pub consumer_error_timeout: Duration,
+    /// `at_least_once` (default) or `exactly_once` (Kafka transactions; subscribers read with
+    /// `isolation.level=read_committed`). Only processors with an output topic support it.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Exactly-once: the longest a transaction stays open (records per commit grow with load).
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
 }
+
+/// Delivery guarantee of a processor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Offsets stored after outputs are acknowledged; replays possible after a crash.
+    #[default]
+    AtLeastOnce,
+    /// Consume-transform-produce in Kafka transactions.
+    ExactlyOnce,
+}
+
+fn default_max_record_bytes() -> usize {
+    crate::error::limits::DEFAULT_MAX_RECORD_BYTES
+}
+fn default_transient_budget() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_consumer_error_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// librdkafka properties the run loop owns: setting them in `kafka.client` would break the
+/// delivery guarantee, so they are refused at start-up.
+pub const RESERVED_CLIENT_KEYS: [&str; 12] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "isolation.level",
+    "enable.idempotence",
+    "acks",
+    "transactional.id",
+    "partition.assignment.strategy",
+    "enable.partition.eof",
+    "max.in.flight.requests.per.connection",
+];
 
 fn default_in_flight() -> usize {
     512
@@ -199,6 +265,22 @@ impl TopologyFile {
             }
             if p.max_in_flight == 0 {
                 return err(&key("max_in_flight"), "must be >= 1".into());
+            }
+        }
+        for k in self.kafka.client.keys() {
+            if RESERVED_CLIENT_KEYS.contains(&k.as_str()) {
+                return err(&format!("kafka.client.{k}"), format!("'{k}' is set by streamoasis itself (delivery guarantees depend on it): remove it"));
+            }
+        }
+        if self.processors.sink.delivery == Delivery::ExactlyOnce {
+            return err("processors.sink.delivery", "exactly_once needs an output topic; the sink writes idempotent upserts, use at_least_once".into());
+        }
+        for (pname, p) in [("tagger", &self.processors.tagger), ("sink", &self.processors.sink)] {
+            if p.max_record_bytes < 1024 {
+                return err(&format!("processors.{pname}.max_record_bytes"), format!("must be >= 1024, got {}", p.max_record_bytes));
+            }
+            if p.commit_interval.is_zero() {
+                return err(&format!("processors.{pname}.commit_interval"), "must be > 0".into());
             }
         }
         if self.processors.tagger.output.is_none() {
@@ -327,6 +409,25 @@ processors:
         assert!(e.contains("drain_timeout"), "{e}");
         let e = parse(&BASE.replace("file: schemas/media_tagged.avsc}", "file: schemas/media_tagged.avsc, compatibility: SIDEWAYS}")).unwrap_err().to_string();
         assert!(e.contains("schemas[1].compatibility"), "{e}");
+    }
+
+    #[test]
+    fn reserved_client_keys_are_refused_by_name() {
+        let text = format!("{BASE}kafka:\n  client:\n    enable.auto.offset.store: \"true\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("kafka.client.enable.auto.offset.store"), "{e}");
+        let ok = format!("{BASE}kafka:\n  client:\n    security.protocol: SASL_SSL\n");
+        parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn delivery_defaults_to_at_least_once_and_sink_cannot_be_exactly_once() {
+        let t = parse(BASE).unwrap();
+        assert_eq!(t.file.processors.tagger.delivery, Delivery::AtLeastOnce);
+        let t = parse(&BASE.replace("drain_timeout: 5s}", "drain_timeout: 5s, delivery: exactly_once}")).unwrap();
+        assert_eq!(t.file.processors.tagger.delivery, Delivery::ExactlyOnce);
+        let e = parse(&BASE.replace("group: g-sink}", "group: g-sink, delivery: exactly_once}")).unwrap_err().to_string();
+        assert!(e.contains("processors.sink.delivery"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, SrSettings};
-use streamoasis_pipeline::codec::{Codec, CodecError, PoisonKind};
+use streamoasis_pipeline::codec::{Codec, CodecError};
+use streamoasis_pipeline::error::ErrorKind;
 use streamoasis_pipeline::env;
 use streamoasis_pipeline::events::{MediaIngested, MediaKind, MEDIA_INGESTED_AVSC};
 use streamoasis_pipeline::kafka::{client_config, producer};
@@ -97,12 +98,12 @@ async fn codec_round_trips_through_the_registry_and_flags_poison() {
         Err(CodecError::Poison { kind, .. }) => kind,
         other => panic!("expected poison, got {other:?}"),
     };
-    assert_eq!(kind(codec.decode::<MediaIngested>(None).await.map(|_| ())), PoisonKind::EmptyPayload);
-    assert_eq!(kind(codec.decode::<MediaIngested>(Some(b"{\"json\":1}")).await.map(|_| ())), PoisonKind::BadFraming);
-    assert_eq!(kind(codec.decode::<MediaIngested>(Some(&[0, 0x7f, 0xff, 0xff, 0x01, 2, 3])).await.map(|_| ())), PoisonKind::UnknownSchemaId);
+    assert_eq!(kind(codec.decode::<MediaIngested>(None).await.map(|_| ())), ErrorKind::EmptyPayload);
+    assert_eq!(kind(codec.decode::<MediaIngested>(Some(b"{\"json\":1}")).await.map(|_| ())), ErrorKind::BadFraming);
+    assert_eq!(kind(codec.decode::<MediaIngested>(Some(&[0, 0x7f, 0xff, 0xff, 0x01, 2, 3])).await.map(|_| ())), ErrorKind::UnknownSchemaId);
     let mut truncated = bytes.clone();
     truncated.truncate(8);
-    assert_eq!(kind(codec.decode::<MediaIngested>(Some(&truncated)).await.map(|_| ())), PoisonKind::Undecodable);
+    assert_eq!(kind(codec.decode::<MediaIngested>(Some(&truncated)).await.map(|_| ())), ErrorKind::Undecodable);
 }
 
 #[tokio::test]

@@ -8,14 +8,20 @@
 //! - [`TagWriter`]: prepared statements (prepared once), bounded concurrency, idempotent upserts.
 //! - [`SinkProcessor`]: the pipeline processor around the writer.
 //!
-//! ## Idempotence and ordering
-//! Every write carries `USING TIMESTAMP <tagged_at in µs>`, so the newest tagging of an item
-//! wins whatever the order of arrival: a replayed older event never overwrites newer tags.
-//! Tags that an item no longer carries are deleted from `media_by_tag` with the same timestamp
-//! (deletes older than the row they target have no effect), and an event older than the stored
-//! row is skipped, so its tags never reappear in `media_by_tag`. Limit: two different events of
-//! the same item written concurrently (both in flight at once) can leave a stale
-//! `media_by_tag` row for a tag only the older one carried; `media_tags` is always right.
+//! ## Idempotence and ordering: the newest input wins
+//! The version of a write comes from the input record, never from a processor's clock:
+//! `(ingested_at, source partition, source offset)` of the `media.ingested` record the tags were
+//! computed from (carried in the tagged event's `ingested_at` and `lineage`). Every write carries
+//! `USING TIMESTAMP ingested_at × 1000 + source offset mod 1000` (µs), so the newest version wins
+//! whatever the order of arrival; an event whose version is older than the stored row's is skipped
+//! (a replay, or a late older event), so its tags never reappear in `media_by_tag`. Tags an item
+//! no longer carries are deleted from `media_by_tag` with the same timestamp. The run loop
+//! completes records with the same key in partition order, so one item's events are never
+//! written concurrently by one sink.
+//!
+//! ## Errors
+//! A write the database rejects as invalid (e.g. a key over 64 KiB) is poison (`db_rejected`,
+//! to the DLQ); not authorised is fatal; unavailable, timeouts and overload are transient.
 //!
 //! ## ScyllaDB notes
 //! The driver is shard-aware against ScyllaDB automatically (token- and shard-aware routing, no
@@ -33,6 +39,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::CqlTimestamp;
 use serde::Deserialize;
+use streamoasis_pipeline::error::{limits, ErrorKind};
 use streamoasis_pipeline::events::MediaTagged;
 use streamoasis_pipeline::processor::{ProcessError, Processor, RecordMeta};
 use streamoasis_pipeline::topology::{ConfigError, Topology};
@@ -194,10 +201,75 @@ impl std::fmt::Debug for TagWriter {
     }
 }
 
-/// A write failed; always worth retrying (the data is valid).
+/// Why a write failed, classified for the run loop.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct WriteError(String);
+pub enum WriteError {
+    /// The database refuses this data (invalid request, value too large): retrying cannot help.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The database is unavailable, overloaded or timed out: retry with backoff.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Not authorised, or our statements are wrong: a deployment problem.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Classify a driver error (see the module docs).
+pub fn classify(what: &str, e: &scylla::errors::ExecutionError) -> WriteError {
+    use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+    let msg = format!("{what}: {e}");
+    match e {
+        ExecutionError::BadQuery(_) => WriteError::Rejected(msg),
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => match db {
+            DbError::Invalid | DbError::FunctionFailure { .. } => WriteError::Rejected(msg),
+            DbError::Unauthorized | DbError::AuthenticationError => {
+                WriteError::Fatal(format!("{msg} (grant MODIFY and SELECT on the keyspace to the sink's role)"))
+            }
+            DbError::SyntaxError | DbError::ConfigError => WriteError::Fatal(format!("{msg} (did `streamoasis topology apply` run?)")),
+            _ => WriteError::Unavailable(msg),
+        },
+        ExecutionError::LastAttemptError(RequestAttemptError::SerializationError(_)) => WriteError::Rejected(msg),
+        _ => WriteError::Unavailable(msg),
+    }
+}
+
+/// The version of an event: from the input record, never from a clock. Ordered tuples compare
+/// as the rule in the module docs says.
+pub fn version_of(e: &MediaTagged) -> (i64, i32, i64) {
+    (e.ingested_at, e.lineage.partition, e.lineage.offset)
+}
+
+/// The CQL write timestamp (µs) of an event's version.
+pub fn write_timestamp(e: &MediaTagged) -> i64 {
+    e.ingested_at.saturating_mul(1000).saturating_add(e.lineage.offset.rem_euclid(1000))
+}
+
+struct DbMetrics {
+    write: prometheus::Histogram,
+    errors: prometheus::IntCounterVec,
+    skipped: prometheus::IntCounter,
+}
+
+fn db_metrics() -> &'static DbMetrics {
+    static M: std::sync::OnceLock<DbMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let r = streamoasis_pipeline::telemetry::registry();
+        let m = DbMetrics {
+            write: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new("streamoasis_db_write_seconds", "Time to write one tagged event (all its rows)")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )
+            .unwrap(),
+            errors: prometheus::IntCounterVec::new(prometheus::Opts::new("streamoasis_db_errors_total", "Failed database writes, by class"), &["class"]).unwrap(),
+            skipped: prometheus::IntCounter::new("streamoasis_db_stale_skipped_total", "Events skipped because the stored row is newer").unwrap(),
+        };
+        let _ = r.register(Box::new(m.write.clone()));
+        let _ = r.register(Box::new(m.errors.clone()));
+        let _ = r.register(Box::new(m.skipped.clone()));
+        m
+    })
+}
 
 impl TagWriter {
     /// Prepare the statements (once).
@@ -213,7 +285,7 @@ impl TagWriter {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
-            read_tags: prep(format!("SELECT tags, tagged_at FROM {ks}.media_tags WHERE media_id = ?")).await?,
+            read_tags: prep(format!("SELECT tags, ingested_at, source_partition, source_offset FROM {ks}.media_tags WHERE media_id = ?")).await?,
             by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, media_id, score, tagged_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")).await?,
             unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND media_id = ?")).await?,
             permits: Semaphore::new(c.concurrency),
@@ -222,26 +294,43 @@ impl TagWriter {
     }
 
     /// Upsert one event: the item row, one row per tag, and deletes for tags it no longer has.
-    pub async fn write(&self, e: &MediaTagged) -> Result<(), WriteError> {
-        let _permit = self.permits.acquire().await.map_err(|e| WriteError(e.to_string()))?;
-        let ts_us = e.tagged_at.saturating_mul(1000);
-        let err = |what: &str, x: &dyn std::fmt::Display| WriteError(format!("{what}: {x}"));
+    /// Returns `false` when the stored row is newer and the event was skipped.
+    pub async fn write(&self, e: &MediaTagged) -> Result<bool, WriteError> {
+        let started = std::time::Instant::now();
+        let r = tracing::Instrument::instrument(self.write_inner(e), tracing::info_span!("db_write")).await;
+        let m = db_metrics();
+        m.write.observe(started.elapsed().as_secs_f64());
+        match &r {
+            Ok(false) => m.skipped.inc(),
+            Ok(true) => {}
+            Err(WriteError::Rejected(_)) => m.errors.with_label_values(&["rejected"]).inc(),
+            Err(WriteError::Unavailable(_)) => m.errors.with_label_values(&["unavailable"]).inc(),
+            Err(WriteError::Fatal(_)) => m.errors.with_label_values(&["fatal"]).inc(),
+        }
+        r
+    }
+
+    async fn write_inner(&self, e: &MediaTagged) -> Result<bool, WriteError> {
+        let _permit = self.permits.acquire().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
+        let ts_us = write_timestamp(e);
+        let read = |x: &dyn std::fmt::Display| WriteError::Unavailable(format!("read previous tags: {x}"));
+        type Stored = (Option<HashMap<String, f32>>, Option<CqlTimestamp>, Option<i32>, Option<i64>);
         let stored = self
             .session
             .execute_unpaged(&self.read_tags, (&e.media_id,))
             .await
-            .map_err(|x| err("read previous tags", &x))?
+            .map_err(|x| classify("read previous tags", &x))?
             .into_rows_result()
-            .map_err(|x| err("read previous tags", &x))?
-            .maybe_first_row::<(Option<HashMap<String, f32>>, Option<CqlTimestamp>)>()
-            .map_err(|x| err("read previous tags", &x))?;
-        if let Some((_, Some(CqlTimestamp(newer)))) = &stored {
-            if *newer > e.tagged_at {
+            .map_err(|x| read(&x))?
+            .maybe_first_row::<Stored>()
+            .map_err(|x| read(&x))?;
+        if let Some((_, Some(CqlTimestamp(at)), part, off)) = &stored {
+            if (*at, part.unwrap_or(-1), off.unwrap_or(-1)) > version_of(e) {
                 // A replay or a late, older event: the stored tags are newer and stay.
-                return Ok(());
+                return Ok(false);
             }
         }
-        let previous: HashSet<String> = stored.and_then(|(m, _)| m).map(|m| m.into_keys().collect()).unwrap_or_default();
+        let previous: HashSet<String> = stored.and_then(|(m, ..)| m).map(|m| m.into_keys().collect()).unwrap_or_default();
         let tags: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
         let tagged_at = CqlTimestamp(e.tagged_at);
         let top = e.tags.first().map(|t| t.label.clone());
@@ -268,11 +357,11 @@ impl TagWriter {
         let links = e.tags.iter().map(|t| self.session.execute_unpaged(&self.by_tag, (&t.label, &e.media_id, t.score, tagged_at, ts_us)));
         let unlinks = previous.iter().filter(|p| !tags.contains_key(*p)).map(|p| self.session.execute_unpaged(&self.unlink, (ts_us, p, &e.media_id)));
         let (main, links, unlinks) = tokio::join!(main, futures::future::join_all(links), futures::future::join_all(unlinks));
-        main.map_err(|x| err("write media_tags", &x))?;
+        main.map_err(|x| classify("write media_tags", &x))?;
         for r in links.into_iter().chain(unlinks) {
-            r.map_err(|x| err("write media_by_tag", &x))?;
+            r.map_err(|x| classify("write media_by_tag", &x))?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -299,15 +388,22 @@ impl Processor for SinkProcessor {
 
     async fn process(&self, e: MediaTagged, _meta: RecordMeta) -> Result<Vec<MediaTagged>, ProcessError> {
         if e.media_id.trim().is_empty() {
-            return Err(ProcessError::Poison { kind: "invalid_field", message: "media_id is empty".into() });
+            return Err(ProcessError::poison(ErrorKind::InvalidField, "media_id is empty"));
+        }
+        if e.media_id.len() > limits::MAX_MEDIA_ID_BYTES {
+            return Err(ProcessError::poison(ErrorKind::MediaIdTooLong, format!("media_id is {} bytes, over {}", e.media_id.len(), limits::MAX_MEDIA_ID_BYTES)));
         }
         if let Some(t) = e.tags.iter().find(|t| !t.score.is_finite() || t.label.is_empty()) {
-            return Err(ProcessError::Poison { kind: "invalid_field", message: format!("tag '{}' has score {}", t.label, t.score) });
+            return Err(ProcessError::poison(ErrorKind::InvalidField, format!("tag '{}' has score {}", t.label, t.score)));
         }
-        // Database errors are transient here: the run loop retries with backoff while the
-        // in-flight limit pauses the partitions, so nothing is dropped and memory stays bounded.
-        self.writer.write(&e).await.map_err(|x| ProcessError::Transient(x.to_string()))?;
-        Ok(Vec::new())
+        // Unavailable: the run loop retries with backoff while the in-flight limit pauses the
+        // partitions, so nothing is dropped and memory stays bounded.
+        match self.writer.write(&e).await {
+            Ok(_) => Ok(Vec::new()),
+            Err(WriteError::Rejected(m)) => Err(ProcessError::poison(ErrorKind::DbRejected, m)),
+            Err(WriteError::Unavailable(m)) => Err(ProcessError::Transient(m)),
+            Err(WriteError::Fatal(m)) => Err(ProcessError::Fatal(m)),
+        }
     }
 }
 

@@ -16,12 +16,20 @@
 //! - Sequences whose caller went away (dropped future) are skipped, never computed.
 //! - The queue is bounded: when it is full, `infer` waits (backpressure); nothing is dropped.
 //! - The model runs on its own OS thread, so inference never blocks the async runtime.
+//! - A failed batch (a bad input, out of memory, a panic in libtorch) is split in halves and
+//!   retried until the failing sequence is alone: only its caller gets the error
+//!   ([`BatchError::Model`], dead-lettered); everyone else in the batch gets a result. A lone
+//!   sequence that fails with out-of-memory is reported as [`BatchError::Overloaded`] (transient:
+//!   the record is retried later), not as the item's fault.
 
 use std::collections::VecDeque;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -111,9 +119,12 @@ pub struct BatcherConfig {
 /// Why inference failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum BatchError {
-    /// The model returned an error for the batch this sequence was in.
+    /// The model fails on this sequence, even alone.
     #[error("model error: {0}")]
     Model(String),
+    /// The model ran out of memory on this sequence alone: retry later.
+    #[error("model out of memory: {0}")]
+    Overloaded(String),
     /// The batcher or model thread is gone (shutting down).
     #[error("batcher stopped")]
     Stopped,
@@ -127,6 +138,8 @@ struct Request {
 
 struct Job {
     batch: Batch,
+    /// The sequences, kept to re-pad halves of a failed batch.
+    seqs: Vec<Seq>,
     replies: Vec<oneshot::Sender<Result<Vec<f32>, BatchError>>>,
 }
 
@@ -135,6 +148,10 @@ struct BatchMetrics {
     padding: Histogram,
     batches: IntCounter,
     skipped: IntCounter,
+    queue_wait: Histogram,
+    inference: Histogram,
+    depth: IntGauge,
+    splits: IntCounter,
 }
 
 fn batch_metrics() -> &'static BatchMetrics {
@@ -146,11 +163,27 @@ fn batch_metrics() -> &'static BatchMetrics {
             padding: Histogram::with_opts(HistogramOpts::new("streamoasis_batch_padding_ratio", "Padded tokens / all tokens per batch").buckets(vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75])).unwrap(),
             batches: IntCounter::new("streamoasis_batches_total", "Model batches run").unwrap(),
             skipped: IntCounter::new("streamoasis_batch_skipped_total", "Sequences skipped because their caller went away").unwrap(),
+            queue_wait: Histogram::with_opts(
+                HistogramOpts::new("streamoasis_batch_queue_wait_seconds", "Time a sequence waited in the queue before its batch closed")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )
+            .unwrap(),
+            inference: Histogram::with_opts(
+                HistogramOpts::new("streamoasis_inference_seconds", "Model forward time per batch")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )
+            .unwrap(),
+            depth: IntGauge::new("streamoasis_batch_queue_depth", "Sequences waiting for a batch").unwrap(),
+            splits: IntCounter::new("streamoasis_batch_splits_total", "Failed batches split to isolate a failing sequence").unwrap(),
         };
         let _ = r.register(Box::new(m.size.clone()));
         let _ = r.register(Box::new(m.padding.clone()));
         let _ = r.register(Box::new(m.batches.clone()));
         let _ = r.register(Box::new(m.skipped.clone()));
+        let _ = r.register(Box::new(m.queue_wait.clone()));
+        let _ = r.register(Box::new(m.inference.clone()));
+        let _ = r.register(Box::new(m.depth.clone()));
+        let _ = r.register(Box::new(m.splits.clone()));
         m
     })
 }
@@ -159,6 +192,7 @@ fn batch_metrics() -> &'static BatchMetrics {
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Request>,
+    alive: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -172,49 +206,100 @@ impl Batcher {
     pub fn spawn<B: Backend>(mut backend: B, cfg: BatcherConfig) -> Batcher {
         let (tx, rx) = mpsc::channel::<Request>(cfg.queue_capacity.max(1));
         let (job_tx, mut job_rx) = mpsc::channel::<Job>(1);
+        let alive = Arc::new(AtomicBool::new(true));
+        let flag = alive.clone();
         std::thread::Builder::new()
             .name("streamoasis-model".into())
             .spawn(move || {
+                struct Dead(Arc<AtomicBool>);
+                impl Drop for Dead {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::SeqCst);
+                    }
+                }
+                let _dead = Dead(flag);
                 backend.on_start();
                 while let Some(job) = job_rx.blocking_recv() {
-                    match backend.forward(&job.batch) {
-                        Ok(rows) if rows.len() == job.replies.len() => {
-                            for (reply, row) in job.replies.into_iter().zip(rows) {
-                                let _ = reply.send(Ok(row));
-                            }
-                        }
-                        Ok(rows) => {
-                            let e = BatchError::Model(format!("model returned {} rows for {} sequences", rows.len(), job.replies.len()));
-                            for reply in job.replies {
-                                let _ = reply.send(Err(e.clone()));
-                            }
-                        }
-                        Err(e) => {
-                            for reply in job.replies {
-                                let _ = reply.send(Err(BatchError::Model(e.clone())));
-                            }
-                        }
+                    let started = std::time::Instant::now();
+                    let results = run_isolating(&mut backend, &job.batch, &job.seqs);
+                    batch_metrics().inference.observe(started.elapsed().as_secs_f64());
+                    for (reply, r) in job.replies.into_iter().zip(results) {
+                        let _ = reply.send(r);
                     }
                 }
             })
             .expect("spawn model thread");
         tokio::spawn(batching_task(rx, job_tx, cfg));
-        Batcher { tx }
+        Batcher { tx, alive }
+    }
+
+    /// False once the model thread has exited (it ends only when the batcher is dropped, or if it
+    /// died): liveness checks this.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     /// Run `seqs` through the model; outputs in the same order. Waits while the queue is full.
     pub async fn infer(&self, seqs: Vec<Seq>) -> Result<Vec<Vec<f32>>, BatchError> {
-        let mut replies = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            let (reply, rx) = oneshot::channel();
-            self.tx.send(Request { seq, enqueued: Instant::now(), reply }).await.map_err(|_| BatchError::Stopped)?;
-            replies.push(rx);
+        use tracing::Instrument;
+        let n = seqs.len();
+        async move {
+            let mut replies = Vec::with_capacity(seqs.len());
+            for seq in seqs {
+                let (reply, rx) = oneshot::channel();
+                self.tx.send(Request { seq, enqueued: Instant::now(), reply }).await.map_err(|_| BatchError::Stopped)?;
+                replies.push(rx);
+            }
+            let mut out = Vec::with_capacity(replies.len());
+            for rx in replies {
+                out.push(rx.await.map_err(|_| BatchError::Stopped)??);
+            }
+            Ok(out)
         }
-        let mut out = Vec::with_capacity(replies.len());
-        for rx in replies {
-            out.push(rx.await.map_err(|_| BatchError::Stopped)??);
+        .instrument(tracing::info_span!("inference", sequences = n))
+        .await
+    }
+}
+
+/// One forward pass, with panics in the backend turned into errors.
+fn forward_caught<B: Backend>(backend: &mut B, batch: &Batch) -> Result<Vec<Vec<f32>>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.forward(batch))) {
+        Ok(Ok(rows)) if rows.len() == batch.rows => Ok(rows),
+        Ok(Ok(rows)) => Err(format!("model returned {} rows for {} sequences", rows.len(), batch.rows)),
+        Ok(Err(e)) => Err(e),
+        Err(panic) => Err(format!(
+            "model panicked: {}",
+            panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown")
+        )),
+    }
+}
+
+fn is_out_of_memory(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("out of memory") || e.contains("cannot allocate") || e.contains("oom")
+}
+
+/// Run a batch; if it fails, split it in halves and run each, down to single sequences, so that
+/// only the sequence(s) that fail alone get an error. Costs at most 2·log2(n) extra passes per
+/// failing sequence.
+fn run_isolating<B: Backend>(backend: &mut B, batch: &Batch, seqs: &[Seq]) -> Vec<Result<Vec<f32>, BatchError>> {
+    match forward_caught(backend, batch) {
+        Ok(rows) => rows.into_iter().map(Ok).collect(),
+        Err(e) if seqs.len() <= 1 => {
+            let err = if is_out_of_memory(&e) { BatchError::Overloaded(e) } else { BatchError::Model(e) };
+            vec![Err(err); seqs.len()]
         }
-        Ok(out)
+        Err(e) => {
+            batch_metrics().splits.inc();
+            tracing::warn!(rows = seqs.len(), error = %e, "model failed on a batch: splitting it to isolate the failing item");
+            let (a, b) = seqs.split_at(seqs.len() / 2);
+            let mut out = Vec::with_capacity(seqs.len());
+            for half in [a, b] {
+                let refs: Vec<&Seq> = half.iter().collect();
+                out.extend(run_isolating(backend, &Batch::pad(&refs), half));
+            }
+            out
+        }
     }
 }
 
@@ -309,16 +394,21 @@ async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job
         idx.sort_unstable_by(|a, b| b.cmp(a));
         let mut reqs: Vec<Request> = idx.into_iter().filter_map(|i| pending.remove(i)).collect();
         reqs.reverse();
-        let seqs: Vec<&Seq> = reqs.iter().map(|r| &r.seq).collect();
-        let batch = Batch::pad(&seqs);
-        let real: usize = seqs.iter().map(|s| s.len()).sum();
+        let now = Instant::now();
+        for r in &reqs {
+            m.queue_wait.observe((now - r.enqueued).as_secs_f64());
+        }
+        m.depth.set(pending.len() as i64);
+        let refs: Vec<&Seq> = reqs.iter().map(|r| &r.seq).collect();
+        let batch = Batch::pad(&refs);
+        let real: usize = refs.iter().map(|s| s.len()).sum();
         m.batches.inc();
         m.size.observe(batch.rows as f64);
         if batch.rows * batch.cols > 0 {
             m.padding.observe(1.0 - real as f64 / (batch.rows * batch.cols) as f64);
         }
-        let replies = reqs.into_iter().map(|r| r.reply).collect();
-        permit.send(Job { batch, replies });
+        let (seqs, replies) = reqs.into_iter().map(|r| (r.seq, r.reply)).unzip();
+        permit.send(Job { batch, seqs, replies });
     }
 }
 
@@ -543,6 +633,60 @@ mod tests {
         let b = Batcher::spawn(fake, cfg(1, 10_000, 1, 16));
         assert!(matches!(b.infer(vec![seq(666, 3)]).await, Err(BatchError::Model(_))));
         assert_eq!(b.infer(vec![seq(5, 3)]).await.unwrap()[0][0], 5.0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_item_is_isolated_and_its_batch_mates_succeed() {
+        let fake = Fake { fail_on: Some(666), ..Default::default() };
+        // One batch of 16: the item with id 666 fails the whole batch; splitting isolates it.
+        let b = Batcher::spawn(fake.clone(), cfg(16, 10_000, 50, 64));
+        let mut tasks = Vec::new();
+        for i in 0..16i64 {
+            let b = b.clone();
+            let id = if i == 9 { 666 } else { i };
+            tasks.push(tokio::spawn(async move { (id, b.infer(vec![seq(id, 3)]).await) }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            let (id, r) = t.await.unwrap();
+            if id == 666 {
+                assert!(matches!(r, Err(BatchError::Model(ref m)) if m.contains("666")), "{r:?}");
+            } else {
+                assert_eq!(r.unwrap()[0][0], id as f32);
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 15, "every other item of the batch got its result");
+        let seen = fake.seen.lock().unwrap();
+        assert!(seen.len() <= 1 + 2 * 4 + 2, "isolation took {} passes: {seen:?}", seen.len());
+    }
+
+    /// A backend that panics on one id and runs out of memory above 4 rows.
+    struct Flaky;
+    impl Backend for Flaky {
+        fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, String> {
+            if b.rows > 4 {
+                return Err("CUDA out of memory. Tried to allocate 2.00 GiB".into());
+            }
+            for r in 0..b.rows {
+                if b.input_ids[r * b.cols] == 13 {
+                    panic!("index out of range in the embedding");
+                }
+            }
+            Ok((0..b.rows).map(|r| vec![b.input_ids[r * b.cols] as f32]).collect())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn out_of_memory_retries_smaller_batches_and_panics_are_contained() {
+        let b = Batcher::spawn(Flaky, cfg(16, 10_000, 50, 64));
+        let out = b.infer((0..12).map(|i| seq(i, 3)).collect::<Vec<_>>()).await;
+        // Item 13 is not in this call: every item succeeds in batches of <= 4.
+        assert_eq!(out.unwrap().iter().map(|r| r[0]).collect::<Vec<_>>(), (0..12).map(|i| i as f32).collect::<Vec<_>>());
+        let r = b.infer(vec![seq(13, 3)]).await;
+        assert!(matches!(r, Err(BatchError::Model(ref m)) if m.contains("panicked")), "{r:?}");
+        assert!(b.is_alive(), "the model thread survived the panic");
+        assert_eq!(b.infer(vec![seq(2, 3)]).await.unwrap()[0][0], 2.0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use streamoasis_pipeline::error::{limits, ErrorKind};
 use streamoasis_pipeline::events::{now_millis, Lineage, MediaIngested, MediaTagged};
 use streamoasis_pipeline::processor::{ProcessError, Processor, RecordMeta};
 
@@ -40,14 +41,13 @@ impl Processor for TaggerProcessor {
     }
 
     async fn process(&self, item: MediaIngested, meta: RecordMeta) -> Result<Vec<MediaTagged>, ProcessError> {
-        if item.media_id.trim().is_empty() {
-            return Err(ProcessError::Poison { kind: "invalid_field", message: "media_id is empty".into() });
-        }
+        check_limits(&item)?;
         let result = match self.tagger.tag(&request_of(&item)).await {
             Ok(r) => r,
-            Err(TagError::InvalidLabels(m)) => return Err(ProcessError::Poison { kind: "invalid_labels", message: m }),
-            Err(TagError::Model(BatchError::Model(m))) => return Err(ProcessError::Poison { kind: "model_error", message: m }),
-            Err(TagError::Model(BatchError::Stopped)) => return Err(ProcessError::Fatal("model thread stopped".into())),
+            Err(TagError::InvalidLabels(m)) => return Err(ProcessError::poison(ErrorKind::InvalidLabels, m)),
+            Err(TagError::Model(BatchError::Model(m))) => return Err(ProcessError::poison(ErrorKind::ModelError, m)),
+            Err(TagError::Model(BatchError::Overloaded(m))) => return Err(ProcessError::Transient(m)),
+            Err(TagError::Model(BatchError::Stopped)) => return Err(ProcessError::Fatal("the model thread stopped".into())),
         };
         Ok(vec![MediaTagged {
             media_id: item.media_id,
@@ -60,5 +60,79 @@ impl Processor for TaggerProcessor {
             tagged_at: now_millis(),
             lineage: Lineage { topic: meta.topic, partition: meta.partition, offset: meta.offset },
         }])
+    }
+}
+
+/// Limits checked before the model sees an item (each has its own `error.kind` in the DLQ).
+/// Text and label caps are applied by the tagger itself (`tagging.text`, `tagging.max_labels`).
+pub fn check_limits(item: &MediaIngested) -> Result<(), ProcessError> {
+    if item.media_id.trim().is_empty() {
+        return Err(ProcessError::poison(ErrorKind::InvalidField, "media_id is empty"));
+    }
+    if item.media_id.len() > limits::MAX_MEDIA_ID_BYTES {
+        return Err(ProcessError::poison(
+            ErrorKind::MediaIdTooLong,
+            format!("media_id is {} bytes, over the limit of {}", item.media_id.len(), limits::MAX_MEDIA_ID_BYTES),
+        ));
+    }
+    if item.media_id.chars().any(char::is_control) {
+        return Err(ProcessError::poison(ErrorKind::InvalidField, "media_id contains control characters"));
+    }
+    if item.attributes.len() > limits::MAX_ATTRIBUTES {
+        return Err(ProcessError::poison(
+            ErrorKind::AttributesTooLarge,
+            format!("{} attributes, over the limit of {}", item.attributes.len(), limits::MAX_ATTRIBUTES),
+        ));
+    }
+    let bytes: usize = item.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > limits::MAX_ATTRIBUTES_BYTES {
+        return Err(ProcessError::poison(
+            ErrorKind::AttributesTooLarge,
+            format!("attributes hold {bytes} bytes, over the limit of {}", limits::MAX_ATTRIBUTES_BYTES),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamoasis_pipeline::events::MediaKind;
+
+    fn item(id: &str) -> MediaIngested {
+        MediaIngested {
+            media_id: id.into(),
+            kind: MediaKind::Video,
+            title: "t".into(),
+            description: None,
+            transcript: None,
+            language: None,
+            source: "s".into(),
+            ingested_at: 1,
+            attributes: Default::default(),
+            candidate_labels: None,
+        }
+    }
+
+    fn kind(r: Result<(), ProcessError>) -> ErrorKind {
+        match r {
+            Err(ProcessError::Poison { kind, .. }) => kind,
+            other => panic!("expected poison, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn limits_name_their_kind() {
+        check_limits(&item("ok-1")).unwrap();
+        assert_eq!(kind(check_limits(&item(" "))), ErrorKind::InvalidField);
+        assert_eq!(kind(check_limits(&item(&"x".repeat(600_000)))), ErrorKind::MediaIdTooLong);
+        check_limits(&item(&"x".repeat(512))).unwrap();
+        assert_eq!(kind(check_limits(&item("a\u{7}b"))), ErrorKind::InvalidField);
+        let mut many = item("m");
+        many.attributes = (0..100_000).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert_eq!(kind(check_limits(&many)), ErrorKind::AttributesTooLarge);
+        let mut big = item("b");
+        big.attributes.insert("k".into(), "v".repeat(70_000));
+        assert_eq!(kind(check_limits(&big)), ErrorKind::AttributesTooLarge);
     }
 }

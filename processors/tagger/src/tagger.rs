@@ -195,6 +195,11 @@ impl Tagger {
         }
     }
 
+    /// False once a model thread has died (liveness).
+    pub fn is_alive(&self) -> bool {
+        self.batcher.is_alive() && self.nli.as_ref().is_none_or(|n| n.batcher.is_alive())
+    }
+
     /// The strategy in use.
     pub fn strategy(&self) -> Strategy {
         if self.nli.is_some() {

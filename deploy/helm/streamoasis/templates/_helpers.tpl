@@ -54,19 +54,43 @@ app.kubernetes.io/part-of: streamoasis
 
 {{/* Topology ---------------------------------------------------------------------------------- */}}
 
-{{/* The topology text: values.topology.content, else files/topology.yaml; with topologyOverrides
-     deep-merged over it when given. */}}
+{{/* The topology text: values.topology.content, else files/topology.yaml; then the replication
+     knob (replication.topics / replication.keyspace) and topologyOverrides applied over it. With
+     none of them set the text is mounted verbatim (comments kept). */}}
 {{- define "streamoasis.topology" -}}
 {{- $text := .Values.topology.content | default (.Files.Get "files/topology.yaml") -}}
 {{- if not (trim $text) -}}
 {{- fail "topology.content is empty and the chart has no files/topology.yaml" -}}
 {{- end -}}
-{{- if .Values.topologyOverrides -}}
+{{- $repl := .Values.replication | default dict -}}
+{{- if or .Values.topologyOverrides $repl.topics $repl.keyspace -}}
 {{- $m := fromYaml $text -}}
 {{- if hasKey $m "Error" -}}
 {{- fail (printf "topology.content is not valid YAML: %v" $m.Error) -}}
 {{- end -}}
-{{- toYaml (mergeOverwrite $m (deepCopy .Values.topologyOverrides)) -}}
+{{- if $repl.topics -}}
+{{- range $t := ($m.topics | default list) -}}
+{{- $_ := set $t "replication_factor" (int64 $repl.topics) -}}
+{{- end -}}
+{{- end -}}
+{{- if $repl.keyspace -}}
+{{- $ks := $repl.keyspace -}}
+{{- $map := dict "class" $ks.class -}}
+{{- if eq $ks.class "SimpleStrategy" -}}
+{{- $_ := set $map "replication_factor" (int64 (required "replication.keyspace.replicationFactor is required with class SimpleStrategy" $ks.replicationFactor)) -}}
+{{- else -}}
+{{- if not $ks.datacenters -}}
+{{- fail "replication.keyspace.datacenters must name at least one datacenter with class NetworkTopologyStrategy" -}}
+{{- end -}}
+{{- range $dc := $ks.datacenters -}}
+{{- $_ := set $map (toString $dc.name) (int64 $dc.replicas) -}}
+{{- end -}}
+{{- end -}}
+{{- $scylla := $m.scylla | default dict -}}
+{{- $_ := set $scylla "replication" $map -}}
+{{- $_ := set $m "scylla" $scylla -}}
+{{- end -}}
+{{- toYaml (mergeOverwrite $m (deepCopy (.Values.topologyOverrides | default dict))) -}}
 {{- else -}}
 {{- $text -}}
 {{- end -}}
@@ -157,10 +181,9 @@ print "render-topology: wrote $dst\n";
   value: /etc/streamoasis/topology.yaml
 - name: RUST_LOG
   value: {{ .Values.log.level | quote }}
-{{- if eq .Values.log.format "json" }}
+{{- /* Always set: the image defaults to json, so text must be asked for explicitly. */}}
 - name: STREAMOASIS_LOG_FORMAT
-  value: json
-{{- end }}
+  value: {{ .Values.log.format | quote }}
 {{- with .Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
@@ -241,4 +264,112 @@ print "render-topology: wrote $dst\n";
       readOnly: true
     - name: topology-rendered
       mountPath: /rendered
+{{- end }}
+
+{{/* Security: Secret references -------------------------------------------------------------------
+     Every credential comes from an existing Secret; nothing secret is rendered into a ConfigMap or
+     an env value. Usernames are env from secretKeyRef; passwords and CA bundles are files from
+     Secret volumes under /etc/streamoasis/secrets/<name>/ (the processors read *_FILE variables),
+     so a rotated Secret reaches the file without re-rendering the pod spec.
+     Roles: "tagger", "sink", "topologyApply" (each its own Kafka principal; the tagger needs no
+     CQL credentials). Call each with (list $ role). */}}
+
+{{/* The Secret-backed volumes a role needs: a list of (name, secretName, key, file, envVar). */}}
+{{- define "streamoasis.secretFiles" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $files := list -}}
+{{- $kc := get ($root.Values.kafka.credentials | default dict) $role | default dict -}}
+{{- if $kc.secretName -}}
+{{- $files = append $files (dict "name" "kafka-credentials" "secretName" $kc.secretName "key" ($kc.passwordKey | default "password") "file" "password" "env" "KAFKA_SASL_PASSWORD_FILE") -}}
+{{- end -}}
+{{- with ($root.Values.kafka.ca | default dict) -}}
+{{- if .secretName -}}
+{{- $files = append $files (dict "name" "kafka-ca" "secretName" .secretName "key" (.key | default "ca.crt") "file" "ca.crt" "env" "KAFKA_SSL_CA_LOCATION") -}}
+{{- end -}}
+{{- end -}}
+{{- if ne $role "tagger" -}}
+{{- $sc := get ($root.Values.scylla.credentials | default dict) $role | default dict -}}
+{{- if $sc.secretName -}}
+{{- $files = append $files (dict "name" "scylla-credentials" "secretName" $sc.secretName "key" ($sc.passwordKey | default "password") "file" "password" "env" "SCYLLA_PASSWORD_FILE") -}}
+{{- end -}}
+{{- with ($root.Values.scylla.ca | default dict) -}}
+{{- if .secretName -}}
+{{- $files = append $files (dict "name" "scylla-ca" "secretName" .secretName "key" (.key | default "ca.crt") "file" "ca.crt" "env" "SCYLLA_CA") -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with ($root.Values.schemaRegistry.ca | default dict) -}}
+{{- if .secretName -}}
+{{- $files = append $files (dict "name" "registry-ca" "secretName" .secretName "key" (.key | default "ca.crt") "file" "ca.crt" "env" "SCHEMA_REGISTRY_CA") -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "files" $files) -}}
+{{- end }}
+
+{{/* Environment for a role's security settings (plain values, secretKeyRef usernames, *_FILE paths). */}}
+{{- define "streamoasis.securityEnv" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- with $root.Values.kafka.securityProtocol }}
+- name: KAFKA_SECURITY_PROTOCOL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $root.Values.kafka.saslMechanism }}
+- name: KAFKA_SASL_MECHANISM
+  value: {{ . | quote }}
+{{- end }}
+{{- $kc := get ($root.Values.kafka.credentials | default dict) $role | default dict }}
+{{- if $kc.secretName }}
+- name: KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $kc.secretName }}
+      key: {{ $kc.usernameKey | default "username" }}
+{{- end }}
+{{- if ne $role "tagger" }}
+{{- $sc := get ($root.Values.scylla.credentials | default dict) $role | default dict }}
+{{- if $sc.secretName }}
+- name: SCYLLA_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sc.secretName }}
+      key: {{ $sc.usernameKey | default "username" }}
+{{- end }}
+{{- end }}
+{{- with ($root.Values.schemaRegistry.credentials | default dict) }}
+{{- if .secretName }}
+- name: SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ .key | default "userInfo" }}
+{{- end }}
+{{- end }}
+{{- range $f := (include "streamoasis.secretFiles" . | fromJson).files }}
+- name: {{ $f.env }}
+  value: {{ printf "/etc/streamoasis/secrets/%s/%s" $f.name $f.file | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Secret volumes of a role. */}}
+{{- define "streamoasis.securityVolumes" -}}
+{{- range $f := (include "streamoasis.secretFiles" . | fromJson).files }}
+- name: {{ $f.name }}
+  secret:
+    secretName: {{ $f.secretName }}
+    defaultMode: 0440
+    items:
+      - key: {{ $f.key }}
+        path: {{ $f.file }}
+{{- end }}
+{{- end }}
+
+{{/* Secret volume mounts of a role. */}}
+{{- define "streamoasis.securityMounts" -}}
+{{- range $f := (include "streamoasis.secretFiles" . | fromJson).files }}
+- name: {{ $f.name }}
+  mountPath: /etc/streamoasis/secrets/{{ $f.name }}
+  readOnly: true
+{{- end }}
 {{- end }}

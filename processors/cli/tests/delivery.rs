@@ -1,0 +1,340 @@
+//! Delivery guarantees on the real local stack: per-key order with input-derived versions (one
+//! tagger, and two taggers across a forced rebalance), and exactly-once through a `kill -9` of
+//! the shipped binary. Every test uses its own topics, groups, subjects and keyspace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use scylla::client::session::Session;
+use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTagged};
+use streamoasis_pipeline::kafka::{client_config, producer, run, RunSummary, RunnerConfig};
+use streamoasis_pipeline::topology::Topology;
+use streamoasis_pipeline::{admin, env, CancellationToken};
+use streamoasis_sink::{schema, SinkConfig, SinkProcessor, TagWriter};
+use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
+use tokio::task::JoinHandle;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// The project's topology text with every topic, subject, group and the keyspace made unique,
+/// and the model path made absolute.
+fn topology_text(id: &str, partitions: i32, delivery: &str) -> String {
+    let text = std::fs::read_to_string(root().join("topology.yaml")).unwrap();
+    let model = root().join("models/all-MiniLM-L6-v2").canonicalize().unwrap();
+    let schemas = root().join("schemas").canonicalize().unwrap();
+    text.replace("media.ingested", &format!("media.ingested-{id}"))
+        .replace("media.tagged", &format!("media.tagged-{id}"))
+        .replace("group: streamoasis-tagger", &format!("group: streamoasis-tagger-{id}"))
+        .replace("delivery: at_least_once", &format!("delivery: {delivery}"))
+        .replace("group: streamoasis-sink", &format!("group: streamoasis-sink-{id}"))
+        .replace("partitions: 6", &format!("partitions: {partitions}"))
+        .replace("path: models/all-MiniLM-L6-v2", &format!("path: {}", model.display()))
+        .replace("file: schemas/", &format!("file: {}/", schemas.display()))
+        .replace("keyspace: streamoasis", &format!("keyspace: delivery_{id}"))
+}
+
+struct Env {
+    id: String,
+    topo: Topology,
+    path: PathBuf,
+    codec: Arc<Codec>,
+    kafka: String,
+}
+
+async fn env(partitions: i32, delivery: &str) -> Env {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("topology-{id}.yaml"));
+    let text = topology_text(&id, partitions, delivery);
+    assert!(text.contains(&format!("delivery: {delivery}")), "topology.yaml sets processors.tagger.delivery");
+    std::fs::write(&path, text).unwrap();
+    let mut topo = Topology::load(&path).unwrap();
+    if let serde_yaml::Value::Mapping(m) = &mut topo.file.scylla {
+        m.insert("keyspace".into(), format!("delivery_{id}").into());
+        m.insert("consistency".into(), "ONE".into());
+    }
+    let kafka = env::get(env::KAFKA_BOOTSTRAP, env::DEFAULT_KAFKA);
+    let codec = Arc::new(Codec::new(&env::get(env::SCHEMA_REGISTRY_URL, env::DEFAULT_REGISTRY)).unwrap());
+    admin::apply_topics(&kafka, &topo).await.expect("topics (is `scripts/stack up` running?)");
+    admin::apply_schemas(&codec, &topo).await.expect("schemas");
+    Env { id, topo, path, codec, kafka }
+}
+
+impl Env {
+    fn input(&self) -> &str {
+        &self.topo.file.processors.tagger.input
+    }
+    fn output(&self) -> &str {
+        self.topo.file.processors.tagger.output.as_deref().unwrap()
+    }
+
+    fn start_tagger(&self, tagger: Arc<Tagger>) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
+        let stop = CancellationToken::new();
+        let runner = RunnerConfig::new(self.kafka.clone(), self.topo.file.processors.tagger.clone(), BTreeMap::new());
+        let h = tokio::spawn(run(runner, self.codec.clone(), Arc::new(TaggerProcessor::new(tagger)), stop.clone()));
+        (stop, h)
+    }
+
+    async fn start_sink(&self) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
+        let cfg = SinkConfig::from_topology(&self.topo).unwrap();
+        let session = cql().await;
+        schema::apply(&session, &cfg).await.unwrap();
+        let writer = Arc::new(TagWriter::new(Arc::new(session), &cfg).await.unwrap());
+        let stop = CancellationToken::new();
+        let runner = RunnerConfig::new(self.kafka.clone(), self.topo.file.processors.sink.clone(), BTreeMap::new());
+        let h = tokio::spawn(run(runner, self.codec.clone(), Arc::new(SinkProcessor::new(writer)), stop.clone()));
+        (stop, h)
+    }
+
+    async fn send(&self, p: &FutureProducer, item: &MediaIngested) -> (i32, i64) {
+        let bytes = self.codec.encode(self.input(), item).await.unwrap();
+        self.send_raw(p, &item.media_id, Some(&bytes)).await
+    }
+
+    async fn send_raw(&self, p: &FutureProducer, key: &str, payload: Option<&[u8]>) -> (i32, i64) {
+        let mut rec = FutureRecord::to(self.input()).key(key);
+        if let Some(b) = payload {
+            rec = rec.payload(b);
+        }
+        let d = p.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+        (d.partition, d.offset)
+    }
+
+    fn consumer(&self, topic: &str, read_committed: bool) -> StreamConsumer {
+        let mut cc = client_config(&self.kafka, &BTreeMap::new());
+        cc.set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4().simple()))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", if read_committed { "read_committed" } else { "read_uncommitted" });
+        let c: StreamConsumer = cc.create().unwrap();
+        c.subscribe(&[topic]).unwrap();
+        c
+    }
+
+    /// Every tagged event in arrival order per partition, until `want` events or `quiet` without one.
+    async fn read_tagged(&self, c: &StreamConsumer, want: usize, timeout: Duration, quiet: Duration) -> Vec<MediaTagged> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        while Instant::now() < deadline && (out.len() < want || last.elapsed() < quiet) {
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), c.recv()).await {
+                let e = self.codec.decode::<MediaTagged>(m.payload()).await.unwrap().event;
+                out.push(e);
+                last = Instant::now();
+            } else if out.len() >= want {
+                break;
+            }
+        }
+        out
+    }
+}
+
+async fn cql() -> Session {
+    let uri = env::get(env::SCYLLA_URI, env::DEFAULT_SCYLLA);
+    scylla::client::session_builder::SessionBuilder::new().known_node(&uri).build().await.expect("CQL database (is `scripts/stack up` running?)")
+}
+
+/// v1: a long transcript (several windows, slow); v2: title only (fast), ingested later.
+fn versions(key: usize) -> (MediaIngested, MediaIngested) {
+    let base = now_millis();
+    let words = "The striker scored twice as the team won the championship final in extra time after a long season of matches. ";
+    let v1 = MediaIngested {
+        media_id: format!("ordered-{key:03}"),
+        kind: MediaKind::Episode,
+        title: format!("Episode {key}, first cut"),
+        description: Some("A long match report.".into()),
+        transcript: Some(words.repeat(60)),
+        language: Some("en".into()),
+        source: "delivery-test".into(),
+        ingested_at: base,
+        attributes: HashMap::from([("version".to_string(), "1".to_string())]),
+        candidate_labels: None,
+    };
+    let v2 = MediaIngested {
+        title: "The company reported record quarterly profits and its shares rose".into(),
+        description: None,
+        transcript: None,
+        ingested_at: base + 1000,
+        attributes: HashMap::from([("version".to_string(), "2".to_string())]),
+        ..v1.clone()
+    };
+    (v1, v2)
+}
+
+/// For each key: the last tagged event on the output (partition order) and the stored row hold v2.
+async fn assert_newest_wins(env: &Env, v2s: &HashMap<String, MediaIngested>, events: &[MediaTagged]) {
+    let mut last: HashMap<&str, &MediaTagged> = HashMap::new();
+    for e in events {
+        last.insert(&e.media_id, e);
+    }
+    assert_eq!(last.len(), v2s.len(), "every key tagged");
+    for (id, v2) in v2s {
+        assert_eq!(last[id.as_str()].ingested_at, v2.ingested_at, "{id}: the last tagged event is v2");
+    }
+    let ks = SinkConfig::from_topology(&env.topo).unwrap().keyspace;
+    let session = cql().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = session
+            .query_unpaged(format!("SELECT media_id, ingested_at, top_tag FROM {ks}.media_tags"), ())
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap();
+        let rows: Vec<(String, scylla::value::CqlTimestamp, Option<String>)> = rows.rows().unwrap().collect::<Result<_, _>>().unwrap();
+        let newest = rows.iter().filter(|(id, at, _)| v2s.get(id).is_some_and(|v| v.ingested_at == at.0)).count();
+        if newest == v2s.len() && rows.len() == v2s.len() {
+            // The row's top tag is the one of the last tagged event.
+            for (id, _, top) in &rows {
+                assert_eq!(top.as_deref(), last[id.as_str()].tags.first().map(|t| t.label.as_str()), "{id}: row matches its newest event");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "rows hold v2 for {newest} of {} keys ({} rows)", v2s.len(), rows.len());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn newest_version_wins_per_key_with_one_tagger() {
+    let env = env(3, "at_least_once").await;
+    let tagger = Arc::new(Tagger::load(TaggerConfig::from_topology(&env.topo).unwrap()).await.unwrap());
+    let (stop_t, task_t) = env.start_tagger(tagger);
+    let (stop_s, task_s) = env.start_sink().await;
+    let p = producer(&env.kafka, &BTreeMap::new()).unwrap();
+    let mut v2s = HashMap::new();
+    for k in 0..50 {
+        let (v1, v2) = versions(k);
+        env.send(&p, &v1).await;
+        env.send(&p, &v2).await;
+        v2s.insert(v2.media_id.clone(), v2);
+    }
+    let out = env.consumer(env.output(), false);
+    let events = env.read_tagged(&out, 100, Duration::from_secs(240), Duration::from_secs(2)).await;
+    assert_eq!(events.len(), 100, "two events per key, no duplicates");
+    assert_newest_wins(&env, &v2s, &events).await;
+    stop_t.cancel();
+    stop_s.cancel();
+    let t = task_t.await.unwrap().unwrap();
+    let s = task_s.await.unwrap().unwrap();
+    assert_eq!((t.processed, t.dead_lettered), (100, 0));
+    assert_eq!((s.processed, s.dead_lettered), (100, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn newest_version_wins_per_key_with_two_taggers_and_a_rebalance() {
+    let env = env(4, "at_least_once").await;
+    let tagger = Arc::new(Tagger::load(TaggerConfig::from_topology(&env.topo).unwrap()).await.unwrap());
+    let (stop_a, task_a) = env.start_tagger(tagger.clone());
+    let (stop_s, task_s) = env.start_sink().await;
+    let p = producer(&env.kafka, &BTreeMap::new()).unwrap();
+    let mut v2s = HashMap::new();
+    let mut task_b = None;
+    for k in 0..50 {
+        let (v1, v2) = versions(k);
+        env.send(&p, &v1).await;
+        if k == 20 {
+            // A second tagger joins while v1s are in flight: the group rebalances.
+            task_b = Some(env.start_tagger(tagger.clone()));
+        }
+        env.send(&p, &v2).await;
+        v2s.insert(v2.media_id.clone(), v2);
+    }
+    let out = env.consumer(env.output(), false);
+    let events = env.read_tagged(&out, 100, Duration::from_secs(300), Duration::from_secs(5)).await;
+    assert!(events.len() >= 100, "every version tagged ({} events)", events.len());
+    assert_newest_wins(&env, &v2s, &events).await;
+    let (stop_b, task_b) = task_b.unwrap();
+    stop_a.cancel();
+    stop_b.cancel();
+    stop_s.cancel();
+    let a = task_a.await.unwrap().unwrap();
+    let b = task_b.await.unwrap().unwrap();
+    task_s.await.unwrap().unwrap();
+    assert!(a.processed + b.processed >= 100, "a {a:?} b {b:?}");
+    assert!(b.processed > 0, "the second tagger got partitions: {b:?}");
+}
+
+/// `streamoasis tagger` as a child process on this test's topology.
+fn spawn_tagger(env: &Env, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_streamoasis"))
+        .arg("tagger")
+        .env("STREAMOASIS_TOPOLOGY", &env.path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_survives_kill_9_without_duplicates() {
+    let env = env(3, "exactly_once").await;
+    let p = producer(&env.kafka, &BTreeMap::new()).unwrap();
+    let n = 600;
+    let mut poison_offsets = Vec::new();
+    for i in 0..n {
+        let item = MediaIngested {
+            media_id: format!("eos-{i:04}"),
+            kind: MediaKind::Clip,
+            title: format!("The team won the championship final, report number {i}"),
+            description: None,
+            transcript: None,
+            language: Some("en".into()),
+            source: "eos-test".into(),
+            ingested_at: now_millis(),
+            attributes: Default::default(),
+            candidate_labels: None,
+        };
+        env.send(&p, &item).await;
+        if i % 100 == 7 {
+            poison_offsets.push(env.send_raw(&p, &format!("poison-{i}"), Some(b"not avro")).await);
+        }
+    }
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("eos-{}.log", env.id));
+    let mut child = spawn_tagger(&env, &log);
+    // Kill it mid-stream: after some transactions committed, before all.
+    let out = env.consumer(env.output(), true);
+    let first = env.read_tagged(&out, 100, Duration::from_secs(180), Duration::ZERO).await;
+    assert!(first.len() >= 100, "the tagger committed transactions before the kill ({} events)", first.len());
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut child = spawn_tagger(&env, &log);
+    let rest = env.read_tagged(&out, n - first.len(), Duration::from_secs(300), Duration::from_secs(10)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for e in first.iter().chain(&rest) {
+        *counts.entry(e.media_id.clone()).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert_eq!(counts.len(), n, "every item tagged once the tagger came back (log: {})", log.display());
+    assert!(dups.is_empty(), "a read_committed reader saw duplicates: {dups:?}");
+
+    let dlq = env.consumer(&env.topo.file.processors.tagger.dlq, true);
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && dead.len() <= poison_offsets.len() {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), dlq.recv()).await {
+            let header = |k: &str| m.headers().unwrap().iter().find(|h| h.key == k).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap();
+            assert_eq!(m.payload(), Some(&b"not avro"[..]), "original bytes");
+            assert_eq!(header("error.kind"), "bad_framing");
+            dead.push((header("source.partition").parse::<i32>().unwrap(), header("source.offset").parse::<i64>().unwrap()));
+        } else if dead.len() == poison_offsets.len() {
+            break;
+        }
+    }
+    dead.sort_unstable();
+    poison_offsets.sort_unstable();
+    assert_eq!(dead, poison_offsets, "each poison record dead-lettered exactly once");
+}
