@@ -1,17 +1,18 @@
-//! The framed-Avro decode path of `Codec::decode`, without the registry: check the Confluent
-//! framing (magic byte 0, 4-byte schema id), pick the writer schema the id names (a fixed set
-//! standing in for the registry: ours, an evolved one, a recursive one, a foreign one), decode
-//! the datum with `from_avro_datum(writer, body, Some(reader))` and convert it with
-//! `events::avro::from_value::<MediaIngested>`, as the run loop does after the registry lookup.
-//! Any input must end in `Ok` or `Err`; a panic, abort, stack overflow or runaway allocation is
-//! a bug.
+//! The framed-Avro decode path of `Codec::decode` without the registry: `codec::frame_id` (the
+//! Confluent framing: magic byte 0, 4-byte schema id), a writer schema chosen by that id from a
+//! fixed set standing in for the registry (ours, an evolved one, a recursive one, a foreign one),
+//! then `codec::decode_body::<MediaIngested>` — the depth check, `from_avro_datum(writer, body,
+//! Some(reader))` and `events::avro::from_value` — exactly as `Codec::decode` runs after the
+//! registry lookup. Any input must end in `Ok` or `Err`; a panic, abort, stack overflow or
+//! runaway allocation is a bug.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use apache_avro::Schema;
 use libfuzzer_sys::fuzz_target;
-use streamoasis_pipeline::events::{avro, Event, MediaIngested};
+use streamoasis_pipeline::codec;
+use streamoasis_pipeline::events::{Event, MediaIngested};
 
 /// Writer schemas by id (id modulo the count): what a registry could hand back.
 fn writers() -> &'static [Schema] {
@@ -39,17 +40,10 @@ fn writers() -> &'static [Schema] {
 }
 
 fuzz_target!(|bytes: &[u8]| {
-    // Codec::decode's framing check.
-    if bytes.len() < 5 || bytes[0] != 0 {
-        return;
-    }
-    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-    let w = writers();
-    let writer = &w[id as usize % w.len()];
-    let mut body = &bytes[5..];
-    #[allow(deprecated)]
-    let Ok(value) = apache_avro::from_avro_datum(writer, &mut body, Some(MediaIngested::schema())) else {
+    let Ok(id) = codec::frame_id(bytes) else {
         return;
     };
-    let _ = avro::from_value::<MediaIngested>(value);
+    let w = writers();
+    let writer = &w[id as usize % w.len()];
+    let _ = codec::decode_body::<MediaIngested>(writer, id, &bytes[5..]);
 });

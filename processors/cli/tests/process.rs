@@ -295,7 +295,17 @@ fn tagger_process_exits_zero_on_sigterm_while_the_model_loads() {
     let t = topology("early-term");
     t.apply();
     let mut p = t.spawn_tagger(free_addr());
-    std::thread::sleep(Duration::from_millis(300));
+    // In main and not ready yet: the metrics endpoint answers 503 while the model loads.
+    let mut code = None;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            code = p.get("/readyz").map(|r| r.0);
+            code.is_some()
+        }),
+        "/readyz never answered; log:\n{}",
+        p.log()
+    );
+    assert_eq!(code, Some(503), "not ready while starting");
     p.signal("-TERM");
     let status = p.wait_exit(Duration::from_secs(60)).expect("exited within 60 s of SIGTERM");
     assert_eq!(status.code(), Some(0), "SIGTERM during start-up must exit 0 ({status}); log:\n{}", p.log());
