@@ -48,6 +48,7 @@ REGISTRY = os.environ.get("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081/apis/cco
 SCYLLA = os.environ.get("SCYLLA_URI", "127.0.0.1:9042")
 STACK = ROOT / ".cache/stack"
 BIG = 16 * 1024 * 1024  # max.message.bytes of the ingest topic and its DLQ in the poison scenario
+CLIENT_MAX = 8 * 1024 * 1024  # message.max.bytes of the processors' clients in the poison scenario
 
 TITLES = [
     "Football club wins the cup final after extra time",
@@ -384,7 +385,9 @@ class Scenario:
                 if x["name"] in (self.input, self.dlq):
                     x.setdefault("config", {})["max.message.bytes"] = str(BIG)
             t.setdefault("kafka", {}).setdefault("client", {})
-            t["kafka"]["client"] = dict(t["kafka"]["client"] or {}, **{"message.max.bytes": str(BIG), "fetch.max.bytes": str(2 * BIG)})
+            # Clients: 8 MiB, the run loop's own fetch.max.bytes (librdkafka refuses a consumer whose
+            # fetch.max.bytes is below message.max.bytes, and the run loop sets its own after ours).
+            t["kafka"]["client"] = dict(t["kafka"]["client"] or {}, **{"message.max.bytes": str(CLIENT_MAX)})
         self.topo = self.dir / "topology.yaml"
         self.topo.write_text(yaml.safe_dump(t, sort_keys=False))
         env = dict(os.environ, STREAMOASIS_TOPOLOGY=str(self.topo))
