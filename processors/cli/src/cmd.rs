@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tracing::Instrument;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -196,6 +197,7 @@ fn open_lines(path: &std::path::Path) -> anyhow::Result<Box<dyn BufRead>> {
 }
 
 async fn produce(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
+    let _guard = telemetry::init("streamoasis-produce");
     let topo = load(c)?;
     let topic = a.topic.clone().unwrap_or_else(|| topo.file.processors.tagger.input.clone());
     wait_for_broker(&c.kafka, Duration::from_secs(10))?;
@@ -221,7 +223,13 @@ async fn produce(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
         let key = event.media_id.clone();
         let producer = &producer;
         let topic = &topic;
-        pending.push(async move { producer.send(FutureRecord::to(topic).key(&key).payload(&payload), Duration::from_secs(30)).await.map_err(|(e, _)| e) });
+        // Each item starts a trace; the tagger and the sink continue it from the record's headers.
+        let span = tracing::info_span!("produce", topic = %topic);
+        let headers = telemetry::context_headers(&span);
+        pending.push(
+            async move { producer.send(FutureRecord::to(topic).key(&key).payload(&payload).headers(headers), Duration::from_secs(30)).await.map_err(|(e, _)| e) }
+                .instrument(span),
+        );
         sent += 1;
         while pending.len() >= 1000 {
             pending.next().await.transpose()?;

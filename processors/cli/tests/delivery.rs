@@ -2,145 +2,20 @@
 //! tagger, and two taggers across a forced rebalance), and exactly-once through a `kill -9` of
 //! the shipped binary. Every test uses its own topics, groups, subjects and keyspace.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use common::{cql, env, spawn, Env};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use scylla::client::session::Session;
-use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTagged};
-use streamoasis_pipeline::kafka::{client_config, producer, run, RunSummary, RunnerConfig};
-use streamoasis_pipeline::topology::Topology;
-use streamoasis_pipeline::{admin, env, CancellationToken};
-use streamoasis_sink::{schema, SinkConfig, SinkProcessor, TagWriter};
-use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
-use tokio::task::JoinHandle;
-
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-/// The project's topology text with every topic, subject, group and the keyspace made unique,
-/// and the model path made absolute.
-fn topology_text(id: &str, partitions: i32, delivery: &str) -> String {
-    let text = std::fs::read_to_string(root().join("topology.yaml")).unwrap();
-    let model = root().join("models/all-MiniLM-L6-v2").canonicalize().unwrap();
-    let schemas = root().join("schemas").canonicalize().unwrap();
-    text.replace("media.ingested", &format!("media.ingested-{id}"))
-        .replace("media.tagged", &format!("media.tagged-{id}"))
-        .replace("group: streamoasis-tagger", &format!("group: streamoasis-tagger-{id}"))
-        .replace("delivery: at_least_once", &format!("delivery: {delivery}"))
-        .replace("group: streamoasis-sink", &format!("group: streamoasis-sink-{id}"))
-        .replace("partitions: 6", &format!("partitions: {partitions}"))
-        .replace("path: models/all-MiniLM-L6-v2", &format!("path: {}", model.display()))
-        .replace("file: schemas/", &format!("file: {}/", schemas.display()))
-        .replace("keyspace: streamoasis", &format!("keyspace: delivery_{id}"))
-}
-
-struct Env {
-    id: String,
-    topo: Topology,
-    path: PathBuf,
-    codec: Arc<Codec>,
-    kafka: String,
-}
-
-async fn env(partitions: i32, delivery: &str) -> Env {
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let path = dir.join(format!("topology-{id}.yaml"));
-    let text = topology_text(&id, partitions, delivery);
-    assert!(text.contains(&format!("delivery: {delivery}")), "topology.yaml sets processors.tagger.delivery");
-    std::fs::write(&path, text).unwrap();
-    let mut topo = Topology::load(&path).unwrap();
-    if let serde_yaml::Value::Mapping(m) = &mut topo.file.scylla {
-        m.insert("keyspace".into(), format!("delivery_{id}").into());
-        m.insert("consistency".into(), "ONE".into());
-    }
-    let kafka = env::get(env::KAFKA_BOOTSTRAP, env::DEFAULT_KAFKA);
-    let codec = Arc::new(Codec::new(&env::get(env::SCHEMA_REGISTRY_URL, env::DEFAULT_REGISTRY)).unwrap());
-    admin::apply_topics(&kafka, &topo).await.expect("topics (is `scripts/stack up` running?)");
-    admin::apply_schemas(&codec, &topo).await.expect("schemas");
-    Env { id, topo, path, codec, kafka }
-}
-
-impl Env {
-    fn input(&self) -> &str {
-        &self.topo.file.processors.tagger.input
-    }
-    fn output(&self) -> &str {
-        self.topo.file.processors.tagger.output.as_deref().unwrap()
-    }
-
-    fn start_tagger(&self, tagger: Arc<Tagger>) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
-        let stop = CancellationToken::new();
-        let runner = RunnerConfig::new(self.kafka.clone(), self.topo.file.processors.tagger.clone(), BTreeMap::new());
-        let h = tokio::spawn(run(runner, self.codec.clone(), Arc::new(TaggerProcessor::new(tagger)), stop.clone()));
-        (stop, h)
-    }
-
-    async fn start_sink(&self) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
-        let cfg = SinkConfig::from_topology(&self.topo).unwrap();
-        let session = cql().await;
-        schema::apply(&session, &cfg).await.unwrap();
-        let writer = Arc::new(TagWriter::new(Arc::new(session), &cfg).await.unwrap());
-        let stop = CancellationToken::new();
-        let runner = RunnerConfig::new(self.kafka.clone(), self.topo.file.processors.sink.clone(), BTreeMap::new());
-        let h = tokio::spawn(run(runner, self.codec.clone(), Arc::new(SinkProcessor::new(writer)), stop.clone()));
-        (stop, h)
-    }
-
-    async fn send(&self, p: &FutureProducer, item: &MediaIngested) -> (i32, i64) {
-        let bytes = self.codec.encode(self.input(), item).await.unwrap();
-        self.send_raw(p, &item.media_id, Some(&bytes)).await
-    }
-
-    async fn send_raw(&self, p: &FutureProducer, key: &str, payload: Option<&[u8]>) -> (i32, i64) {
-        let mut rec = FutureRecord::to(self.input()).key(key);
-        if let Some(b) = payload {
-            rec = rec.payload(b);
-        }
-        let d = p.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
-        (d.partition, d.offset)
-    }
-
-    fn consumer(&self, topic: &str, read_committed: bool) -> StreamConsumer {
-        let mut cc = client_config(&self.kafka, &BTreeMap::new());
-        cc.set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4().simple()))
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", if read_committed { "read_committed" } else { "read_uncommitted" });
-        let c: StreamConsumer = cc.create().unwrap();
-        c.subscribe(&[topic]).unwrap();
-        c
-    }
-
-    /// Every tagged event in arrival order per partition, until `want` events or `quiet` without one.
-    async fn read_tagged(&self, c: &StreamConsumer, want: usize, timeout: Duration, quiet: Duration) -> Vec<MediaTagged> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        let mut last = Instant::now();
-        while Instant::now() < deadline && (out.len() < want || last.elapsed() < quiet) {
-            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), c.recv()).await {
-                let e = self.codec.decode::<MediaTagged>(m.payload()).await.unwrap().event;
-                out.push(e);
-                last = Instant::now();
-            } else if out.len() >= want {
-                break;
-            }
-        }
-        out
-    }
-}
-
-async fn cql() -> Session {
-    let uri = env::get(env::SCYLLA_URI, env::DEFAULT_SCYLLA);
-    scylla::client::session_builder::SessionBuilder::new().known_node(&uri).build().await.expect("CQL database (is `scripts/stack up` running?)")
-}
+use streamoasis_pipeline::kafka::producer;
+use streamoasis_sink::SinkConfig;
+use streamoasis_tagger::{Tagger, TaggerConfig};
 
 /// v1: a long transcript (several windows, slow); v2: title only (fast), ingested later.
 fn versions(key: usize) -> (MediaIngested, MediaIngested) {
@@ -265,15 +140,7 @@ async fn newest_version_wins_per_key_with_two_taggers_and_a_rebalance() {
 
 /// `streamoasis tagger` as a child process on this test's topology.
 fn spawn_tagger(env: &Env, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_streamoasis"))
-        .arg("tagger")
-        .env("STREAMOASIS_TOPOLOGY", &env.path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    spawn(env, &["tagger"], &[], log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,7 +16,13 @@ use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilte
 /// Process-wide metrics registry; other crates register their metrics here too.
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Registry::new)
+    REGISTRY.get_or_init(|| {
+        let r = Registry::new();
+        // process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
+        #[cfg(target_os = "linux")]
+        let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        r
+    })
 }
 
 /// The run loop's metrics.
@@ -64,7 +70,7 @@ pub fn metrics() -> &'static Metrics {
             .unwrap(),
             e2e_latency: HistogramVec::new(
                 HistogramOpts::new("streamoasis_e2e_latency_seconds", "Time from ingested_at to handled by this processor")
-                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]),
                 &["processor"],
             )
             .unwrap(),
@@ -303,22 +309,31 @@ pub fn set_parent_from_headers<H: rdkafka::message::Headers>(span: &tracing::Spa
 /// Headers carrying the current span's trace context to an output record. Without a tracer
 /// installed, the input's own `traceparent`/`tracestate` are passed through unchanged.
 pub fn trace_headers(msg: &rdkafka::message::OwnedMessage) -> rdkafka::message::OwnedHeaders {
-    use opentelemetry::trace::TraceContextExt;
-    use rdkafka::message::{Header, Message, OwnedHeaders};
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let mut h = OwnedHeaders::new();
-    let cx = tracing::Span::current().context();
-    if cx.span().span_context().is_valid() {
-        let mut map = std::collections::HashMap::new();
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
-        for (k, v) in &map {
-            h = h.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
-        }
+    use rdkafka::message::{Header, Headers as _, Message};
+    let mut h = context_headers(&tracing::Span::current());
+    if h.count() > 0 {
         return h;
     }
     for (k, v) in text_headers(msg.headers()) {
         if k == "traceparent" || k == "tracestate" {
             h = h.insert(Header { key: k, value: Some(v) });
+        }
+    }
+    h
+}
+
+/// Headers carrying `span`'s W3C trace context (none when no tracer is installed).
+pub fn context_headers(span: &tracing::Span) -> rdkafka::message::OwnedHeaders {
+    use opentelemetry::trace::TraceContextExt;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut h = OwnedHeaders::new();
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        let mut map = std::collections::HashMap::new();
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
+        for (k, v) in &map {
+            h = h.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
         }
     }
     h
