@@ -119,6 +119,11 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
             ApiError::new(r.status(), "bad_body", r.body_text())
         }
     })?;
+    // Request bodies are JSON objects: serde would otherwise accept a struct written as an array.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b'[')) {
+        return Err(ApiError::field(FieldError { field: "body".into(), message: "the body must be a JSON object, not an array".into() }));
+    }
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(de);
     let e = match parsed {

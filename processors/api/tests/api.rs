@@ -326,7 +326,14 @@ async fn rest_tag_answers_and_rejects_bad_input_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_queue_answers_429_with_retry_after_and_resource_exhausted() {
-    let fx = fixture(|m| set(m, &["batching", "queue_capacity"], 4.into()), None).await;
+    let fx = fixture(
+        |m| {
+            set(m, &["batching", "queue_capacity"], 4.into());
+            set(m, &["batching", "max_batch_size"], 4.into());
+        },
+        None,
+    )
+    .await;
     let url = format!("{}/v1/tag", fx.http);
     let token = fx.token();
     let calls = (0..200).map(|i| {

@@ -175,7 +175,7 @@ async fn setup(partitions: i32) -> Setup {
 impl Setup {
     fn runner(&self, sink: bool) -> RunnerConfig {
         let (spec, client) = if sink { (&self.topo.file.processors.sink, &self.roles.sink) } else { (&self.topo.file.processors.tagger, &self.roles.tagger) };
-        RunnerConfig { brokers: self.roles.kafka.clone(), spec: spec.clone(), client: client.clone() }
+        RunnerConfig::new(self.roles.kafka.clone(), spec.clone(), client.clone())
     }
 
     fn sink_config(&self) -> SinkConfig {

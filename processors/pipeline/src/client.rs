@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn runner_config_debug_hides_the_password() {
         let spec: crate::topology::ProcessorSpec = serde_yaml::from_str("{input: a, dlq: b, group: g}").unwrap();
-        let cfg = RunnerConfig { brokers: "b:9092".into(), spec, client: map(&[("sasl.password", "hunter2"), ("sasl.username", "tagger")]) };
+        let cfg = RunnerConfig::new("b:9092", spec, map(&[("sasl.password", "hunter2"), ("sasl.username", "tagger")]));
         let s = format!("{cfg:?}");
         assert!(!s.contains("hunter2") && s.contains("tagger"), "{s}");
     }

@@ -308,19 +308,25 @@ impl<P: Processor> Runner<P> {
             partition_tokens: partition_tokens.clone(),
             producer: producer.clone(),
         };
-        // User properties first, then the ones the guarantee depends on (they always win).
-        let mut cc = client_config(&cfg.brokers, &cfg.client);
+        // Tunables first (user properties may override them), then the properties the guarantee
+        // depends on (they always win; `kafka.client` may not set them at all).
+        let user_max = cfg.client.get("message.max.bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let mut cc = rdkafka::config::ClientConfig::new();
+        cc.set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
+            .set("max.poll.interval.ms", "300000")
+            .set("queued.max.messages.kbytes", spec.max_prefetch_kbytes.to_string())
+            .set("fetch.max.bytes", 8_388_608u64.max(user_max).to_string())
+            .set("statistics.interval.ms", "5000");
+        for (k, v) in client_config(&cfg.brokers, &cfg.client).config_map() {
+            cc.set(k, v);
+        }
         cc.set("group.id", &spec.group)
             .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", "45000")
-            .set("max.poll.interval.ms", "300000")
-            .set("queued.max.messages.kbytes", spec.max_prefetch_kbytes.to_string())
-            .set("fetch.max.bytes", "8388608")
-            .set("statistics.interval.ms", "5000")
             .set("isolation.level", "read_committed");
         let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
         consumer.subscribe(&[spec.input.as_str()])?;
@@ -681,16 +687,24 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, KafkaError> +
     tokio::task::spawn_blocking(f).await.unwrap_or(Err(KafkaError::Canceled))
 }
 
-/// A transactional producer for exactly-once delivery. Its id is unique per process; fencing of
-/// zombies comes from the consumer group metadata sent with the offsets (KIP-447).
+/// A transactional producer for exactly-once delivery. Zombies are fenced by the consumer group
+/// metadata sent with the offsets (KIP-447); the transactional id is stable per instance
+/// (`STREAMOASIS_TRANSACTIONAL_ID`, else `<group>-<hostname>`: the pod name in Kubernetes), so a
+/// restarted instance aborts the transaction its predecessor left open at once instead of
+/// leaving `read_committed` readers waiting for `transaction.timeout.ms`. Replicas must not
+/// share an id: on one host, give each its own `STREAMOASIS_TRANSACTIONAL_ID`.
 fn transactional_producer(brokers: &str, extra: &BTreeMap<String, String>, spec: &ProcessorSpec) -> Result<FutureProducer, KafkaError> {
+    let id = std::env::var("STREAMOASIS_TRANSACTIONAL_ID").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "local".into());
+        format!("{}-{host}", spec.group)
+    });
     let mut c = client_config(brokers, extra);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("transactional.id", format!("{}-{}-{}", spec.group, std::process::id(), rand::random::<u32>()))
-        .set("transaction.timeout.ms", "60000");
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", "30000");
     c.create()
 }
 
@@ -868,9 +882,13 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
         .insert(Header { key: "schema.id", value: Some(schema.as_str()) });
     let mut attempt = 0;
     let started = Instant::now();
+    let mut omit_payload = false;
+    let size = msg.payload().map_or(0, <[u8]>::len).to_string();
     loop {
         let mut rec = FutureRecord::to(&s.spec.dlq).headers(headers.clone());
-        if let Some(p) = msg.payload() {
+        if omit_payload {
+            rec = rec.headers(headers.clone().insert(Header { key: "error.payload_omitted_bytes", value: Some(size.as_str()) }));
+        } else if let Some(p) = msg.payload() {
             rec = rec.payload(p);
         }
         if let Some(k) = msg.key() {
@@ -881,8 +899,15 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
             Err((e, _)) => {
                 match classify_produce_error(&e, &s.spec.dlq) {
                     Attempt::Fatal(f) => return Err(f),
+                    Attempt::Poison { message, .. } if msg.payload().is_some() && !omit_payload => {
+                        // Too large for the dead-letter topic: dead-letter the headers alone (the
+                        // original stays in the source topic at source.partition/source.offset).
+                        warn!(processor = s.name, error = %message, "dead letter too large: sending it without its payload");
+                        omit_payload = true;
+                        continue;
+                    }
                     Attempt::Poison { message, .. } => {
-                        return Err(ProcessError::Fatal(format!("the dead-letter topic refused a poison record: {message}")));
+                        return Err(ProcessError::Fatal(format!("the dead-letter topic {} refused a poison record: {message}", s.spec.dlq)));
                     }
                     Attempt::Retry { .. } => {}
                 }
