@@ -318,7 +318,9 @@ impl<P: Processor> Runner<P> {
             .set("queued.max.messages.kbytes", spec.max_prefetch_kbytes.to_string())
             .set("fetch.max.bytes", 8_388_608u64.max(user_max).to_string())
             .set("statistics.interval.ms", "5000");
-        for (k, v) in client_config(&cfg.brokers, &cfg.client).config_map() {
+        // The raw properties, not `ClientConfig::config_map` (which masks passwords).
+        cc.set("bootstrap.servers", &cfg.brokers).set("client.id", "streamoasis");
+        for (k, v) in &cfg.client {
             cc.set(k, v);
         }
         cc.set("group.id", &spec.group)
