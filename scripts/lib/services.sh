@@ -157,3 +157,28 @@ services_fetch() {
     _svc_fetch_registry_java
   )
 }
+
+# ---- the secured stack's extras ------------------------------------------------------------------
+
+# secure_prereqs: openssl (certificates, password hashes) and nginx (the registry's TLS + basic-auth
+# front). nginx comes from apt's nginx-light when missing: idempotent, nothing is fetched when the
+# binary is there. Its package scripts must not start a system-wide nginx on port 80: a
+# policy-rc.d that refuses service starts is in place for the install only (unless one exists).
+secure_prereqs() {
+  need openssl "OpenSSL (apt-get install openssl)"
+  if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    need apt-get "nginx (the registry's TLS front): install nginx-light"
+    [ "$(id -u)" = 0 ] || die "nginx is missing: install nginx-light (as root: apt-get install nginx-light) and run again."
+    log "installing nginx-light with apt (the secured registry's TLS + basic-auth front)"
+    local policy=/usr/sbin/policy-rc.d ours=0
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && ours=1
+    fi
+    local rc=0
+    { apt-get -o DPkg::Lock::Timeout=300 update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends nginx-light >/dev/null; } || rc=$?
+    [ "$ours" = 1 ] && rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install nginx-light failed (exit $rc)."
+  fi
+  NGINX_BIN=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
+}

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use streamoasis_api::{DEFAULT_ADDR, DEFAULT_GRPC_ADDR};
+use streamoasis_pipeline::env;
 
 /// Zero-shot media tagging on Kafka.
 #[derive(Debug, Parser)]
@@ -23,20 +25,20 @@ pub struct Common {
     #[arg(long, global = true, env = "STREAMOASIS_TOPOLOGY", default_value = "topology.yaml")]
     pub topology: PathBuf,
     /// Kafka bootstrap servers.
-    #[arg(long, global = true, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    #[arg(long, global = true, env = env::KAFKA_BOOTSTRAP, default_value = env::DEFAULT_KAFKA)]
     pub kafka: String,
     /// Confluent-compatible schema registry base URL.
-    #[arg(long, global = true, env = "SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081/apis/ccompat/v7")]
+    #[arg(long, global = true, env = env::SCHEMA_REGISTRY_URL, default_value = env::DEFAULT_REGISTRY)]
     pub registry: String,
     /// ScyllaDB / CQL contact points, host:port[,host:port].
-    #[arg(long, global = true, env = "SCYLLA_URI", default_value = "127.0.0.1:9042")]
+    #[arg(long, global = true, env = env::SCYLLA_URI, default_value = env::DEFAULT_SCYLLA)]
     pub scylla: String,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the tagger: media.ingested → model → media.tagged.
-    Tagger(RunArgs),
+    /// Run the tagger: media.ingested → model → media.tagged (SIGHUP reloads tagging.labels).
+    Tagger(TaggerArgs),
     /// Run the sink: media.tagged → ScyllaDB.
     Sink(RunArgs),
     /// Manage the topology (topics, schemas, keyspace and tables).
@@ -55,6 +57,132 @@ pub enum Command {
         #[command(subcommand)]
         action: DbAction,
     },
+    /// Serve the REST and gRPC API (its own model; `tagger --api-addr` shares the stream's).
+    Api(ApiArgs),
+    /// Re-tag archived items: re-send ingest records to the ingest topic (after a taxonomy or
+    /// model change), from a time, offsets or a list of media ids.
+    Retag(RetagArgs),
+    /// Dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TaggerArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Also serve the REST API here, on the same batcher as the stream (e.g. 127.0.0.1:8080).
+    #[arg(long, env = "STREAMOASIS_API_ADDR")]
+    pub api_addr: Option<String>,
+    /// gRPC address when --api-addr is given.
+    #[arg(long, env = "STREAMOASIS_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: String,
+    /// Serve the API without authentication (local experiments only).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ApiArgs {
+    #[command(subcommand)]
+    pub action: Option<ApiAction>,
+    /// REST address.
+    #[arg(long, env = "STREAMOASIS_API_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// gRPC address.
+    #[arg(long, env = "STREAMOASIS_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: String,
+    /// Serve without authentication (local experiments only). Without it, one of
+    /// STREAMOASIS_JWT_HS256_SECRET(_FILE) or STREAMOASIS_JWT_JWKS_FILE must be set.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Don't connect to the database (the read routes answer 503).
+    #[arg(long)]
+    pub no_db: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiAction {
+    /// Print an HS256 token signed with STREAMOASIS_JWT_HS256_SECRET(_FILE) (with the
+    /// configured issuer and audience).
+    Token {
+        /// Subject claim.
+        #[arg(long, default_value = "cli")]
+        sub: String,
+        /// Lifetime (e.g. 15m, 1h).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Tag text over gRPC (`streamoasis.v1.Tagger/Tag`) and print the answer as JSON.
+    Call {
+        /// Title text to tag.
+        text: String,
+        /// Labels instead of the taxonomy (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// Server.
+        #[arg(long, env = "STREAMOASIS_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+        grpc_addr: String,
+        /// Bearer token (default: minted from STREAMOASIS_JWT_HS256_SECRET if set).
+        #[arg(long, env = "STREAMOASIS_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RetagArgs {
+    /// Start at this time: RFC 3339 (2026-01-31T00:00:00Z), ms since the epoch, or an age (2h).
+    #[arg(long, conflicts_with_all = ["offsets", "from_beginning"])]
+    pub since: Option<String>,
+    /// Start at these offsets: partition:offset[,partition:offset...] (others are not read).
+    #[arg(long, value_delimiter = ',', conflicts_with = "from_beginning")]
+    pub offsets: Option<Vec<String>>,
+    /// Read every retained record.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Only these media ids (comma-separated, or @file with one id per line).
+    #[arg(long)]
+    pub ids: Option<String>,
+    /// Records per second (0 = as fast as the broker takes them).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Don't draw a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Re-send dead letters to their source topic after a fix (each at most once per run).
+    Replay(DlqReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DlqReplayArgs {
+    /// Dead-letter topic (default: the tagger's).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only these error kinds (the `error.kind` header; repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    pub kind: Vec<String>,
+    /// Only dead letters written at or after: RFC 3339, ms since the epoch, or an age (2h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only dead letters written before: RFC 3339, ms since the epoch, or an age (2h).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Count what would be re-sent; send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Records per second (0 = as fast as the broker takes them).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Don't draw a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

@@ -15,14 +15,16 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind, MediaTagged};
-use streamoasis_pipeline::kafka::{client_config, producer, run as run_processor, wait_for_broker, RunnerConfig};
+use streamoasis_api::{auth, ops, Auth, Limits, Listeners};
+use streamoasis_pipeline::client::{self, client_config, producer, wait_for_broker};
+use streamoasis_pipeline::secret::redact_url;
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_pipeline::telemetry::Health;
 use streamoasis_pipeline::{admin, telemetry, CancellationToken};
-use streamoasis_sink::{SinkConfig, SinkProcessor, TagWriter};
-use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig, TaggerProcessor};
+use streamoasis_sink::{SinkConfig, TagWriter};
+use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig};
 
-use crate::cli::{Cli, Command, Common, DbAction, ProduceArgs, RunArgs, TagArgs, TailArgs, TopologyAction};
+use crate::cli::{ApiAction, ApiArgs, Cli, Command, Common, DbAction, DlqAction, DlqReplayArgs, ProduceArgs, RetagArgs, RunArgs, TagArgs, TaggerArgs, TailArgs, TopologyAction};
 
 /// Dispatch a parsed command line; `shutdown` is cancelled on SIGTERM / Ctrl-C.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -36,11 +38,31 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         Command::Tail(a) => tail(c, a).await,
         Command::Tag(a) => tag(c, a).await,
         Command::Db { action } => db(c, action).await,
+        Command::Api(a) => api(c, a, shutdown).await,
+        Command::Retag(a) => retag(c, a).await,
+        Command::Dlq { action: DlqAction::Replay(a) } => dlq_replay(c, a).await,
     }
 }
 
 fn load(c: &Common) -> anyhow::Result<Topology> {
     Ok(Topology::load(&c.topology)?)
+}
+
+/// The topology, with the environment's Kafka security settings laid over `kafka.client`, so
+/// every Kafka client of the command (broker wait, consumer, producer, admin) speaks alike.
+fn load_for_kafka(c: &Common) -> anyhow::Result<Topology> {
+    let mut topo = load(c)?;
+    topo.file.kafka.client = client::properties(&topo.file.kafka.client)?;
+    let k = &topo.file.kafka.client;
+    tracing::info!(
+        brokers = %c.kafka,
+        security_protocol = k.get("security.protocol").map(String::as_str).unwrap_or("PLAINTEXT"),
+        sasl_mechanism = k.get("sasl.mechanism").map(String::as_str).unwrap_or("-"),
+        sasl_user = k.get("sasl.username").map(String::as_str).unwrap_or("-"),
+        registry = %redact_url(&c.registry),
+        "connection settings"
+    );
+    Ok(topo)
 }
 
 /// Cancelled on SIGTERM or Ctrl-C.
@@ -73,13 +95,18 @@ fn start_metrics(a: &RunArgs, health: &Arc<Health>) {
     }
 }
 
-async fn tagger(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn tagger(c: &Common, a: TaggerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-tagger");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let cfg = TaggerConfig::from_topology(&topo)?;
+    // Check the API settings before the (slow) model load: a bad key fails at once.
+    let api = match &a.api_addr {
+        Some(addr) => Some((api_auth(a.insecure_no_auth)?, Listeners::bind(addr, &a.grpc_addr).await?)),
+        None => None,
+    };
     let health = Health::new();
-    start_metrics(&a, &health);
-    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    start_metrics(&a.run, &health);
+    wait_for_broker(&c.kafka, &topo.file.kafka.client, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
     let started = Instant::now();
     let tagger = tokio::select! {
@@ -90,24 +117,186 @@ async fn tagger(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::
     let alive = tagger.clone();
     health.add_check("model thread", move || alive.is_alive());
     health.set_loaded(true);
-    let runner = RunnerConfig::new(c.kafka.clone(), topo.file.processors.tagger.clone(), topo.file.kafka.client.clone()).with_health(health);
-    run_processor(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown).await?;
+    reload_on_sighup(c.topology.clone(), tagger.clone());
+    let mut api_task = None;
+    if let Some((auth, listeners)) = api {
+        // One process, one batcher: API calls and stream events share batches.
+        let state = Arc::new(streamoasis_api::state(&connections(c, true), &topo, tagger.clone(), auth, Limits::default()).await?);
+        api_task = Some(tokio::spawn(streamoasis_api::serve(listeners, state, shutdown.clone())));
+    }
+    let r = streamoasis_tagger::serve(&topo, &c.kafka, codec, tagger, Some(health), shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(t) = api_task {
+        t.await??;
+    }
+    r?;
     Ok(())
+}
+
+/// SIGHUP: reload `tagging.labels` from the topology file (validated before the swap; on any
+/// error the current labels stay and the error is logged).
+fn reload_on_sighup(path: std::path::PathBuf, tagger: Arc<Tagger>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("no SIGHUP handler: label reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match streamoasis_tagger::reload_labels(&path, &tagger).await {
+                Ok(n) => tracing::info!(labels = n, file = %path.display(), "SIGHUP: taxonomy reloaded"),
+                Err(e) => tracing::error!(file = %path.display(), error = %format!("{e:#}"), "SIGHUP: taxonomy not reloaded; keeping the current labels"),
+            }
+        }
+    });
 }
 
 async fn sink(c: &Common, a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-sink");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let cfg = SinkConfig::from_topology(&topo)?;
     let health = Health::new();
     start_metrics(&a, &health);
-    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    wait_for_broker(&c.kafka, &topo.file.kafka.client, Duration::from_secs(10))?;
     let codec = Arc::new(Codec::new(&c.registry)?);
     let session = Arc::new(streamoasis_sink::connect(&c.scylla, &cfg).await?);
     let writer = Arc::new(TagWriter::new(session, &cfg).await?);
     health.set_loaded(true);
-    let runner = RunnerConfig::new(c.kafka.clone(), topo.file.processors.sink.clone(), topo.file.kafka.client.clone()).with_health(health);
-    run_processor(runner, codec, Arc::new(SinkProcessor::new(writer)), shutdown).await?;
+    streamoasis_sink::serve(&topo, &c.kafka, codec, writer, Some(health), shutdown).await?;
+    Ok(())
+}
+
+fn connections(c: &Common, db: bool) -> streamoasis_api::Connections {
+    streamoasis_api::Connections { kafka: c.kafka.clone(), registry: c.registry.clone(), scylla: db.then(|| c.scylla.clone()) }
+}
+
+/// The API's token verifier from the environment; refuses to run without keys unless told.
+fn api_auth(insecure: bool) -> anyhow::Result<Auth> {
+    match Auth::from_env(|k| std::env::var(k).ok())? {
+        Some(_) if insecure => anyhow::bail!("--insecure-no-auth given but JWT keys are configured: drop one of them"),
+        Some(a) => Ok(a),
+        None if insecure => {
+            tracing::warn!("serving WITHOUT authentication (--insecure-no-auth)");
+            Ok(Auth::disabled())
+        }
+        None => anyhow::bail!(
+            "no JWT key configured: set {} (or {}) or {}, or pass --insecure-no-auth for a local experiment",
+            auth::ENV_HS256_SECRET,
+            auth::ENV_HS256_SECRET_FILE,
+            auth::ENV_JWKS_FILE
+        ),
+    }
+}
+
+async fn api(c: &Common, a: ApiArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match a.action {
+        Some(ApiAction::Token { sub, ttl }) => return token(&sub, ttl),
+        Some(ApiAction::Call { text, labels, grpc_addr, token }) => return call(&text, labels, &grpc_addr, token).await,
+        None => {}
+    }
+    let _guard = telemetry::init("streamoasis-api");
+    let topo = load(c)?;
+    let cfg = TaggerConfig::from_topology(&topo)?;
+    let auth = api_auth(a.insecure_no_auth)?;
+    let listeners = Listeners::bind(&a.addr, &a.grpc_addr).await?;
+    let tagger = Arc::new(Tagger::load(cfg).await?);
+    reload_on_sighup(c.topology.clone(), tagger.clone());
+    let state = streamoasis_api::state(&connections(c, !a.no_db), &topo, tagger, auth, Limits::default()).await?;
+    streamoasis_api::serve(listeners, Arc::new(state), shutdown).await
+}
+
+fn hs256_secret() -> anyhow::Result<Vec<u8>> {
+    if let Some(s) = std::env::var(auth::ENV_HS256_SECRET).ok().filter(|s| !s.is_empty()) {
+        return Ok(s.into_bytes());
+    }
+    if let Some(f) = std::env::var(auth::ENV_HS256_SECRET_FILE).ok().filter(|s| !s.is_empty()) {
+        let s = std::fs::read_to_string(&f).with_context(|| format!("{}: cannot read {f}", auth::ENV_HS256_SECRET_FILE))?;
+        return Ok(s.strip_suffix('\n').unwrap_or(&s).as_bytes().to_vec());
+    }
+    anyhow::bail!("set {} (or {}) to the API's HS256 secret", auth::ENV_HS256_SECRET, auth::ENV_HS256_SECRET_FILE)
+}
+
+fn token(sub: &str, ttl: Duration) -> anyhow::Result<()> {
+    let iss = std::env::var(auth::ENV_ISSUER).ok().filter(|s| !s.is_empty());
+    let aud = std::env::var(auth::ENV_AUDIENCE).ok().filter(|s| !s.is_empty());
+    println!("{}", auth::mint_hs256(&hs256_secret()?, sub, ttl, iss.as_deref(), aud.as_deref())?);
+    Ok(())
+}
+
+async fn call(text: &str, labels: Option<Vec<String>>, addr: &str, token: Option<String>) -> anyhow::Result<()> {
+    use streamoasis_api::proto::tagger_client::TaggerClient;
+    let token = match token {
+        Some(t) => Some(t),
+        None => hs256_secret().ok().map(|s| auth::mint_hs256(&s, "cli", Duration::from_secs(300), None, None)).transpose()?,
+    };
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let mut client = TaggerClient::connect(url.clone()).await.with_context(|| format!("cannot reach the gRPC API at {url}"))?;
+    let mut req = tonic::Request::new(streamoasis_api::proto::TagRequest { title: text.to_string(), candidate_labels: labels.unwrap_or_default(), ..Default::default() });
+    if let Some(t) = token {
+        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    let r = client.tag(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+    let tags: Vec<serde_json::Value> = r.tags.iter().map(|t| serde_json::json!({"label": t.label, "score": t.score})).collect();
+    println!("{}", serde_json::json!({"tags": tags, "no_tags_reason": r.no_tags_reason, "strategy": r.strategy, "model": r.model}));
+    Ok(())
+}
+
+/// A point in time: RFC 3339, ms since the epoch, or an age such as `2h` (that long ago).
+fn parse_time(flag: &str, s: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64));
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now_millis() - d.as_millis() as i64);
+    }
+    anyhow::bail!("{flag} '{s}': use RFC 3339 (2026-01-31T00:00:00Z), ms since the epoch, or an age (2h)")
+}
+
+async fn retag(c: &Common, a: RetagArgs) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    let start = match (&a.since, &a.offsets, a.from_beginning) {
+        (Some(s), _, _) => ops::Start::Timestamp(parse_time("--since", s)?),
+        (None, Some(o), _) => ops::Start::Offsets(
+            o.iter()
+                .map(|po| {
+                    let (p, off) = po.split_once(':').ok_or_else(|| anyhow::anyhow!("--offsets '{po}': use partition:offset"))?;
+                    Ok((p.trim().parse()?, off.trim().parse()?))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        ),
+        (None, None, true) => ops::Start::Beginning,
+        (None, None, false) if a.ids.is_some() => ops::Start::Beginning,
+        _ => anyhow::bail!("say where to start: --since, --offsets, --from-beginning (or --ids, which reads from the beginning)"),
+    };
+    let ids = match &a.ids {
+        None => None,
+        Some(f) if f.starts_with('@') => Some(std::fs::read_to_string(&f[1..]).with_context(|| format!("--ids: cannot read {}", &f[1..]))?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()),
+        Some(l) => Some(l.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+    };
+    let o = ops::RetagOptions { topic: topo.file.processors.tagger.input.clone(), start, media_ids: ids, rate: a.rate, progress: !a.quiet };
+    let s = ops::retag(&c.kafka, &topo.file.kafka.client, &o).await?;
+    eprintln!("retag: read {}, re-sent {}, skipped {} (topic {})", s.read, s.sent, s.skipped, o.topic);
+    Ok(())
+}
+
+async fn dlq_replay(c: &Common, a: DlqReplayArgs) -> anyhow::Result<()> {
+    let topo = load(c)?;
+    let o = ops::ReplayOptions {
+        dlq: a.topic.clone().unwrap_or_else(|| topo.file.processors.tagger.dlq.clone()),
+        kinds: a.kind.clone(),
+        since: a.since.as_deref().map(|s| parse_time("--since", s)).transpose()?,
+        until: a.until.as_deref().map(|s| parse_time("--until", s)).transpose()?,
+        dry_run: a.dry_run,
+        rate: a.rate,
+        progress: !a.quiet,
+    };
+    let s = ops::dlq_replay(&c.kafka, &topo.file.kafka.client, &o).await?;
+    let verb = if a.dry_run { "would re-send" } else { "re-sent" };
+    let n = if a.dry_run { s.read - s.skipped } else { s.sent };
+    eprintln!("dlq replay: read {}, {verb} {n}, skipped {} (from {})", s.read, s.skipped, o.dlq);
     Ok(())
 }
 
@@ -121,19 +310,21 @@ fn check(c: &Common) -> anyhow::Result<()> {
 
 async fn apply(c: &Common, no_db: bool) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let sink_cfg = SinkConfig::from_topology(&topo)?;
     TaggerConfig::from_topology(&topo)?;
     for ch in admin::apply_topics(&c.kafka, &topo).await? {
         println!("{ch}");
     }
     let codec = Codec::new(&c.registry)?;
-    for ch in admin::apply_schemas(&codec, &topo).await.with_context(|| format!("registering schemas at {}", c.registry))? {
+    for ch in admin::apply_schemas(&codec, &topo).await.with_context(|| format!("registering schemas at {}", redact_url(&c.registry)))? {
         println!("{ch}");
     }
     if !no_db {
         let session = streamoasis_sink::connect(&c.scylla, &sink_cfg).await?;
-        streamoasis_sink::schema::apply(&session, &sink_cfg).await.context("creating keyspace and tables")?;
+        for ch in streamoasis_sink::schema::apply(&session, &sink_cfg).await.context("creating keyspace and tables")? {
+            println!("{ch}");
+        }
         println!("ensured   keyspace {} (tables media_tags, media_by_tag)", sink_cfg.keyspace);
     }
     Ok(())
@@ -198,9 +389,9 @@ fn open_lines(path: &std::path::Path) -> anyhow::Result<Box<dyn BufRead>> {
 
 async fn produce(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
     let _guard = telemetry::init("streamoasis-produce");
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let topic = a.topic.clone().unwrap_or_else(|| topo.file.processors.tagger.input.clone());
-    wait_for_broker(&c.kafka, Duration::from_secs(10))?;
+    wait_for_broker(&c.kafka, &topo.file.kafka.client, Duration::from_secs(10))?;
     let codec = Codec::new(&c.registry)?;
     let producer = producer(&c.kafka, &topo.file.kafka.client)?;
     let lines: Vec<String> = open_lines(&a.file)?.lines().take(a.limit.unwrap_or(usize::MAX)).collect::<Result<_, _>>()?;
@@ -272,7 +463,7 @@ struct Truth {
 }
 
 async fn tail(c: &Common, a: TailArgs) -> anyhow::Result<()> {
-    let topo = load(c)?;
+    let topo = load_for_kafka(c)?;
     let t = &topo.file.processors;
     let topic = a.topic.clone().unwrap_or_else(|| t.tagger.output.clone().unwrap_or_default());
     let truth: HashMap<String, String> = match &a.truth {
@@ -447,8 +638,7 @@ async fn db(c: &Common, action: DbAction) -> anyhow::Result<()> {
             println!("media_tags       {n} rows");
             if let Ok(tc) = TaggerConfig::from_topology(&topo) {
                 for l in &tc.labels {
-                    let q = format!("SELECT COUNT(*) FROM {ks}.media_by_tag WHERE tag = '{}'", l.name.replace('\'', "''"));
-                    println!("media_by_tag     {:<14} {} rows", l.name, streamoasis_sink::count_rows(&session, &q).await?);
+                    println!("media_by_tag     {:<14} {} rows", l.name, streamoasis_sink::read::count_by_tag(&session, ks, &l.name).await?);
                 }
             }
         }

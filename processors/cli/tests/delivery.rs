@@ -190,7 +190,7 @@ async fn exactly_once_survives_kill_9_without_duplicates() {
 
     let dlq = env.consumer(&env.topo.file.processors.tagger.dlq, true);
     let mut dead = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while Instant::now() < deadline && dead.len() <= poison_offsets.len() {
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), dlq.recv()).await {
             let header = |k: &str| m.headers().unwrap().iter().find(|h| h.key == k).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap();

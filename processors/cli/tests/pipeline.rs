@@ -13,12 +13,12 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{MediaIngested, MediaKind, MediaTagged};
-use streamoasis_pipeline::kafka::{client_config, producer, run, RunSummary, RunnerConfig};
+use streamoasis_pipeline::kafka::{client_config, producer, RunSummary};
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_pipeline::{admin, env, CancellationToken};
-use streamoasis_sink::{schema, SinkConfig, SinkProcessor, TagWriter};
+use streamoasis_sink::{schema, SinkConfig, TagWriter};
 use streamoasis_tagger::processor::request_of;
-use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
+use streamoasis_tagger::{Tagger, TaggerConfig};
 use tokio::task::JoinHandle;
 
 struct Env {
@@ -74,11 +74,6 @@ async fn env(partitions: i32) -> Env {
 }
 
 impl Env {
-    fn runner(&self, sink: bool) -> RunnerConfig {
-        let spec = if sink { &self.topo.file.processors.sink } else { &self.topo.file.processors.tagger };
-        RunnerConfig::new(self.kafka.clone(), spec.clone(), BTreeMap::new())
-    }
-
     async fn tagger(&self) -> Arc<Tagger> {
         let cfg = TaggerConfig::from_topology(&self.topo).unwrap();
         Arc::new(Tagger::load(cfg).await.unwrap())
@@ -86,7 +81,9 @@ impl Env {
 
     fn start_tagger(&self, tagger: Arc<Tagger>) -> (CancellationToken, JoinHandle<anyhow::Result<RunSummary>>) {
         let stop = CancellationToken::new();
-        let h = tokio::spawn(run(self.runner(false), self.codec.clone(), Arc::new(TaggerProcessor::new(tagger)), stop.clone()));
+        // The same wiring as `streamoasis tagger`.
+        let (topo, kafka, codec, s) = (self.topo.clone(), self.kafka.clone(), self.codec.clone(), stop.clone());
+        let h = tokio::spawn(async move { streamoasis_tagger::serve(&topo, &kafka, codec, tagger, None, s).await });
         (stop, h)
     }
 
@@ -99,7 +96,9 @@ impl Env {
         schema::apply(&session, &cfg).await.unwrap();
         let writer = Arc::new(TagWriter::new(Arc::new(session), &cfg).await.unwrap());
         let stop = CancellationToken::new();
-        let h = tokio::spawn(run(self.runner(true), self.codec.clone(), Arc::new(SinkProcessor::new(writer)), stop.clone()));
+        // The same wiring as `streamoasis sink`.
+        let (topo, kafka, codec, s) = (self.topo.clone(), self.kafka.clone(), self.codec.clone(), stop.clone());
+        let h = tokio::spawn(async move { streamoasis_sink::serve(&topo, &kafka, codec, writer, None, s).await });
         (stop, h)
     }
 
@@ -245,7 +244,7 @@ async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
         }
     }
     for (tag, n) in &by_tag {
-        let stored = streamoasis_sink::count_rows(&session, &format!("SELECT COUNT(*) FROM {ks}.media_by_tag WHERE tag = '{tag}'")).await.unwrap();
+        let stored = streamoasis_sink::read::count_by_tag(&session, &ks, tag).await.unwrap();
         assert_eq!(stored as usize, *n, "media_by_tag rows for {tag}");
     }
     stop_t.cancel();

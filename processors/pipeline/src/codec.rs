@@ -15,6 +15,8 @@ use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameS
 
 use crate::error::{limits, ErrorKind};
 use crate::events::{avro, Event};
+use crate::secret::{self, Secret};
+use crate::topology::ConfigError;
 
 /// A codec failure, typed by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ pub struct Decoded<E> {
 /// by subject.
 pub struct Codec {
     url: String,
+    auth: RegistryAuth,
     settings: SrSettings,
     decoder: AvroDecoder,
     encoder: AvroEncoder,
@@ -50,48 +53,125 @@ pub struct Codec {
 
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Codec").field("url", &self.url).finish()
+        f.debug_struct("Codec").field("url", &self.url).field("auth", &self.auth).finish_non_exhaustive()
     }
 }
 
 /// Environment variable with registry credentials, `user:password` (Confluent's
-/// `basic.auth.user.info`; for Confluent Cloud: API key and secret).
+/// `basic.auth.user.info`; for Confluent Cloud: API key and secret). `..._FILE` names a file
+/// holding the same.
 pub const REGISTRY_AUTH_ENV: &str = "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO";
+/// PEM file of the CA(s) that signed the registry's certificate (default: the system's roots).
+pub const REGISTRY_CA_ENV: &str = "SCHEMA_REGISTRY_CA";
+/// Client certificate (PEM) for registries that require one; with [`REGISTRY_CLIENT_KEY_ENV`].
+pub const REGISTRY_CLIENT_CERT_ENV: &str = "SCHEMA_REGISTRY_CLIENT_CERT";
+/// The client certificate's private key (PKCS#8 PEM).
+pub const REGISTRY_CLIENT_KEY_ENV: &str = "SCHEMA_REGISTRY_CLIENT_KEY";
 
-fn credentials() -> Option<(String, Option<String>)> {
-    let v = std::env::var(REGISTRY_AUTH_ENV).ok().filter(|v| !v.is_empty())?;
-    Some(match v.split_once(':') {
-        Some((u, p)) => (u.to_string(), Some(p.to_string())),
-        None => (v, None),
-    })
+/// How the codec authenticates to the registry: basic auth and TLS material. `Debug` hides the
+/// password.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryAuth {
+    /// Basic auth user and password.
+    pub basic: Option<(String, Option<Secret>)>,
+    /// TLS: CA bundle and client identity (PEM bytes, already read).
+    pub tls: Option<RegistryTls>,
 }
 
-fn settings(url: &str) -> Result<SrSettings, CodecError> {
-    let mut b = SrSettings::new_builder(url.trim_end_matches('/').to_string());
-    b.set_timeout(Duration::from_secs(10));
-    if let Some((user, pass)) = credentials() {
-        b.set_basic_authorization(&user, pass.as_deref());
+/// TLS material for the registry client.
+#[derive(Clone, Default)]
+pub struct RegistryTls {
+    /// PEM CA bundle to trust instead of the system roots' absence (added to them).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and PKCS#8 key, PEM.
+    pub identity: Option<(Vec<u8>, Secret)>,
+}
+
+impl std::fmt::Debug for RegistryTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryTls").field("ca", &self.ca_pem.is_some()).field("client_cert", &self.identity.is_some()).finish()
     }
-    b.build().map_err(|e| CodecError::Incompatible(format!("bad SCHEMA_REGISTRY_URL '{url}': {e}")))
+}
+
+impl RegistryAuth {
+    /// From the environment: [`REGISTRY_AUTH_ENV`] (or `_FILE`), [`REGISTRY_CA_ENV`],
+    /// [`REGISTRY_CLIENT_CERT_ENV`] + [`REGISTRY_CLIENT_KEY_ENV`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let basic = secret::from_env(REGISTRY_AUTH_ENV)?.map(|v| match v.expose().split_once(':') {
+            Some((u, p)) => (u.to_string(), Some(Secret::new(p))),
+            None => (v.expose().to_string(), None),
+        });
+        let read = |var: &str| -> Result<Option<Vec<u8>>, ConfigError> {
+            match secret::var(var) {
+                None => Ok(None),
+                Some(p) => std::fs::read(&p).map(Some).map_err(|e| ConfigError::new(var, format!("cannot read '{p}': {e}"))),
+            }
+        };
+        let ca_pem = read(REGISTRY_CA_ENV)?;
+        let identity = match (read(REGISTRY_CLIENT_CERT_ENV)?, secret::var(REGISTRY_CLIENT_KEY_ENV)) {
+            (Some(cert), Some(key)) => Some((cert, secret::read_file(std::path::Path::new(&key), REGISTRY_CLIENT_KEY_ENV)?)),
+            (None, None) => None,
+            _ => return Err(ConfigError::new(REGISTRY_CLIENT_CERT_ENV, format!("set both {REGISTRY_CLIENT_CERT_ENV} and {REGISTRY_CLIENT_KEY_ENV}, or neither"))),
+        };
+        let tls = (ca_pem.is_some() || identity.is_some()).then_some(RegistryTls { ca_pem, identity });
+        Ok(RegistryAuth { basic, tls })
+    }
+
+    /// An HTTP client builder with this TLS material.
+    fn http(&self) -> Result<reqwest::ClientBuilder, CodecError> {
+        let bad = |var: &str, e: reqwest::Error| CodecError::Incompatible(format!("{var}: {e}"));
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(tls) = &self.tls {
+            if let Some(ca) = &tls.ca_pem {
+                for cert in reqwest::Certificate::from_pem_bundle(ca).map_err(|e| bad(REGISTRY_CA_ENV, e))? {
+                    b = b.add_root_certificate(cert);
+                }
+            }
+            if let Some((cert, key)) = &tls.identity {
+                b = b.identity(reqwest::Identity::from_pkcs8_pem(cert, key.expose().as_bytes()).map_err(|e| bad(REGISTRY_CLIENT_CERT_ENV, e))?);
+            }
+        }
+        Ok(b)
+    }
+
+    fn settings(&self, url: &str) -> Result<SrSettings, CodecError> {
+        let mut b = SrSettings::new_builder(url.to_string());
+        b.set_timeout(Duration::from_secs(10));
+        if let Some((user, pass)) = &self.basic {
+            b.set_basic_authorization(user, pass.as_ref().map(Secret::expose));
+        }
+        b.build_with(self.http()?)
+            .map_err(|e| CodecError::Incompatible(format!("bad SCHEMA_REGISTRY_URL '{}': {e}", secret::redact_url(url))))
+    }
 }
 
 impl Codec {
     /// A codec for the registry at `url` (Confluent API base, e.g.
-    /// `http://127.0.0.1:8081/apis/ccompat/v7`).
+    /// `http://127.0.0.1:8081/apis/ccompat/v7`), with credentials and TLS material from the
+    /// environment ([`RegistryAuth::from_env`]).
     pub fn new(url: &str) -> Result<Self, CodecError> {
+        let auth = RegistryAuth::from_env().map_err(|e| CodecError::Incompatible(e.to_string()))?;
+        Self::with_auth(url, auth)
+    }
+
+    /// A codec with explicit credentials. A `user:password@` in `url` is taken out of it (it
+    /// would otherwise show in every error message) and used when `auth` has no basic auth.
+    pub fn with_auth(url: &str, mut auth: RegistryAuth) -> Result<Self, CodecError> {
+        let (clean, from_url) = secret::split_url_credentials(url.trim_end_matches('/'));
+        if auth.basic.is_none() {
+            auth.basic = from_url;
+        }
         Ok(Codec {
-            url: url.trim_end_matches('/').to_string(),
-            settings: settings(url)?,
-            decoder: AvroDecoder::new(settings(url)?),
-            encoder: AvroEncoder::new(settings(url)?),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .map_err(|e| CodecError::Unavailable(e.to_string()))?,
+            settings: auth.settings(&clean)?,
+            decoder: AvroDecoder::new(auth.settings(&clean)?),
+            encoder: AvroEncoder::new(auth.settings(&clean)?),
+            http: auth.http()?.build().map_err(|e| CodecError::Unavailable(e.to_string()))?,
+            url: clean,
+            auth,
         })
     }
 
-    /// The registry base URL.
+    /// The registry base URL (without credentials).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -133,8 +213,8 @@ impl Codec {
     pub async fn register(&self, subject: &str, avsc: &str, compatibility: &str) -> Result<u32, CodecError> {
         let url = format!("{}/config/{}", self.url, subject);
         let mut req = self.http.put(&url).json(&serde_json::json!({ "compatibility": compatibility }));
-        if let Some((user, pass)) = credentials() {
-            req = req.basic_auth(user, pass);
+        if let Some((user, pass)) = &self.auth.basic {
+            req = req.basic_auth(user, pass.as_ref().map(Secret::expose));
         }
         let resp = req
             .send()

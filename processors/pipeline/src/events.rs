@@ -151,6 +151,18 @@ pub struct MediaTagged {
     pub tagged_at: i64,
     /// Input record coordinates.
     pub lineage: Lineage,
+    /// Title copied from the input (null in events written before it was carried).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Source system copied from the input.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Language copied from the input.
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Attributes copied from the input untouched.
+    #[serde(default)]
+    pub attributes: HashMap<String, String>,
 }
 
 impl Event for MediaTagged {
@@ -230,7 +242,29 @@ mod tests {
             ingested_at: 1,
             tagged_at: 2,
             lineage: Lineage { topic: "media.ingested".into(), partition: 3, offset: 42 },
+            title: Some("Cup final".into()),
+            source: Some("archive-ingest".into()),
+            language: None,
+            attributes: HashMap::from([("season".into(), "2".into())]),
         }
+    }
+
+    /// `MediaTagged` written before title/source/language/attributes were carried still reads,
+    /// with the defaults (the BACKWARD evolution `topology apply` registers).
+    #[test]
+    fn media_tagged_reads_events_without_carried_fields() {
+        let mut json: serde_json::Value = serde_json::from_str(MEDIA_TAGGED_AVSC).unwrap();
+        let carried = ["title", "source", "language", "attributes"];
+        json["fields"].as_array_mut().unwrap().retain(|f| !carried.contains(&f["name"].as_str().unwrap()));
+        let old = Schema::parse(&json).unwrap();
+        let e = sample_tagged();
+        let v = apache_avro::to_value(&e).unwrap();
+        let apache_avro::types::Value::Record(fields) = v else { panic!("record") };
+        let old_value = apache_avro::types::Value::Record(fields.into_iter().filter(|(k, _)| !carried.contains(&k.as_str())).collect());
+        let bytes = to_avro_datum(&old, old_value.resolve(&old).unwrap()).unwrap();
+        let read = from_avro_datum(&old, &mut bytes.as_slice(), Some(MediaTagged::schema())).unwrap();
+        let back: MediaTagged = avro::from_value(read).unwrap();
+        assert_eq!(back, MediaTagged { title: None, source: None, language: None, attributes: HashMap::new(), ..e });
     }
 
     fn round_trip<E: Event + PartialEq + std::fmt::Debug>(event: E) {

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -44,6 +43,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+pub use crate::client::{client_config, producer, wait_for_broker};
 use crate::codec::{Codec, CodecError};
 use crate::error::ErrorKind;
 use crate::events::Event;
@@ -53,13 +53,15 @@ use crate::telemetry::{metrics, Health};
 use crate::topology::{Delivery, ProcessorSpec};
 
 /// Everything the run loop needs; built from `topology.yaml` and the environment.
-#[derive(Debug, Clone)]
+/// (`Debug`, with secrets masked, is in [`crate::client`].)
+#[derive(Clone)]
 pub struct RunnerConfig {
     /// Bootstrap servers (`KAFKA_BOOTSTRAP`).
     pub brokers: String,
     /// Topics, group and limits of this processor.
     pub spec: ProcessorSpec,
-    /// Extra librdkafka properties (topology `kafka.client`).
+    /// Extra librdkafka properties: topology `kafka.client` with the environment's security
+    /// settings on top ([`crate::client::properties`]).
     pub client: BTreeMap<String, String>,
     /// Liveness and readiness, shared with the HTTP server and the processor's components.
     pub health: Arc<Health>,
@@ -99,27 +101,6 @@ pub struct RunSummary {
     pub transactions: u64,
     /// Exactly-once: transactions aborted (their records were rewound and processed again).
     pub aborts: u64,
-}
-
-/// Base librdkafka config for any client of ours.
-pub fn client_config(brokers: &str, extra: &BTreeMap<String, String>) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers).set("client.id", "streamoasis");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    c
-}
-
-/// An idempotent producer with `acks=all`, for outputs and dead letters.
-pub fn producer(brokers: &str, extra: &BTreeMap<String, String>) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    let mut c = client_config(brokers, extra);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.timeout.ms", "300000");
-    c.create()
 }
 
 struct Ctx {
@@ -327,19 +308,27 @@ impl<P: Processor> Runner<P> {
             partition_tokens: partition_tokens.clone(),
             producer: producer.clone(),
         };
-        // User properties first, then the ones the guarantee depends on (they always win).
-        let mut cc = client_config(&cfg.brokers, &cfg.client);
+        // Tunables first (user properties may override them), then the properties the guarantee
+        // depends on (they always win; `kafka.client` may not set them at all).
+        let user_max = cfg.client.get("message.max.bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let mut cc = rdkafka::config::ClientConfig::new();
+        cc.set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
+            .set("max.poll.interval.ms", "300000")
+            .set("queued.max.messages.kbytes", spec.max_prefetch_kbytes.to_string())
+            .set("fetch.max.bytes", 8_388_608u64.max(user_max).to_string())
+            .set("statistics.interval.ms", "5000");
+        // The raw properties, not `ClientConfig::config_map` (which masks passwords).
+        cc.set("bootstrap.servers", &cfg.brokers).set("client.id", "streamoasis");
+        for (k, v) in &cfg.client {
+            cc.set(k, v);
+        }
         cc.set("group.id", &spec.group)
             .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", "45000")
-            .set("max.poll.interval.ms", "300000")
-            .set("queued.max.messages.kbytes", spec.max_prefetch_kbytes.to_string())
-            .set("fetch.max.bytes", "8388608")
-            .set("statistics.interval.ms", "5000")
             .set("isolation.level", "read_committed");
         let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
         consumer.subscribe(&[spec.input.as_str()])?;
@@ -700,16 +689,24 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, KafkaError> +
     tokio::task::spawn_blocking(f).await.unwrap_or(Err(KafkaError::Canceled))
 }
 
-/// A transactional producer for exactly-once delivery. Its id is unique per process; fencing of
-/// zombies comes from the consumer group metadata sent with the offsets (KIP-447).
+/// A transactional producer for exactly-once delivery. Zombies are fenced by the consumer group
+/// metadata sent with the offsets (KIP-447); the transactional id is stable per instance
+/// (`STREAMOASIS_TRANSACTIONAL_ID`, else `<group>-<hostname>`: the pod name in Kubernetes), so a
+/// restarted instance aborts the transaction its predecessor left open at once instead of
+/// leaving `read_committed` readers waiting for `transaction.timeout.ms`. Replicas must not
+/// share an id: on one host, give each its own `STREAMOASIS_TRANSACTIONAL_ID`.
 fn transactional_producer(brokers: &str, extra: &BTreeMap<String, String>, spec: &ProcessorSpec) -> Result<FutureProducer, KafkaError> {
+    let id = std::env::var("STREAMOASIS_TRANSACTIONAL_ID").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "local".into());
+        format!("{}-{host}", spec.group)
+    });
     let mut c = client_config(brokers, extra);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("transactional.id", format!("{}-{}-{}", spec.group, std::process::id(), rand::random::<u32>()))
-        .set("transaction.timeout.ms", "60000");
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", "30000");
     c.create()
 }
 
@@ -887,9 +884,13 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
         .insert(Header { key: "schema.id", value: Some(schema.as_str()) });
     let mut attempt = 0;
     let started = Instant::now();
+    let mut omit_payload = false;
+    let size = msg.payload().map_or(0, <[u8]>::len).to_string();
     loop {
         let mut rec = FutureRecord::to(&s.spec.dlq).headers(headers.clone());
-        if let Some(p) = msg.payload() {
+        if omit_payload {
+            rec = rec.headers(headers.clone().insert(Header { key: "error.payload_omitted_bytes", value: Some(size.as_str()) }));
+        } else if let Some(p) = msg.payload() {
             rec = rec.payload(p);
         }
         if let Some(k) = msg.key() {
@@ -900,8 +901,15 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
             Err((e, _)) => {
                 match classify_produce_error(&e, &s.spec.dlq) {
                     Attempt::Fatal(f) => return Err(f),
+                    Attempt::Poison { message, .. } if msg.payload().is_some() && !omit_payload => {
+                        // Too large for the dead-letter topic: dead-letter the headers alone (the
+                        // original stays in the source topic at source.partition/source.offset).
+                        warn!(processor = s.name, error = %message, "dead letter too large: sending it without its payload");
+                        omit_payload = true;
+                        continue;
+                    }
                     Attempt::Poison { message, .. } => {
-                        return Err(ProcessError::Fatal(format!("the dead-letter topic refused a poison record: {message}")));
+                        return Err(ProcessError::Fatal(format!("the dead-letter topic {} refused a poison record: {message}", s.spec.dlq)));
                     }
                     Attempt::Retry { .. } => {}
                 }
@@ -917,12 +925,4 @@ async fn dead_letter<P: Processor>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
             }
         }
     }
-}
-
-/// Wait until the broker answers a metadata request, or fail with a message saying what to do.
-pub fn wait_for_broker(brokers: &str, timeout: Duration) -> anyhow::Result<()> {
-    let c: BaseConsumer = client_config(brokers, &BTreeMap::new()).create()?;
-    c.fetch_metadata(None, timeout)
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("Kafka at {brokers} did not answer ({e}); start it with `scripts/stack up` or set KAFKA_BOOTSTRAP"))
 }

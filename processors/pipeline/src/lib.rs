@@ -10,6 +10,9 @@
 //! - [`error`]: the error taxonomy (poison / transient / fatal) and the input limits.
 //! - [`kafka`]: the run loop (consume → process → produce → store offsets), DLQ, backpressure,
 //!   rebalances and shutdown. [`offsets`] holds the per-partition watermark it relies on.
+//! - [`client`]: the librdkafka properties of every Kafka client (topology `kafka.client` +
+//!   security from the environment), the producer, the broker wait.
+//! - [`secret`]: secrets from env or files; redaction of passwords and URL credentials.
 //! - [`admin`]: `topology apply` for topics and schemas.
 //! - [`telemetry`]: logs, OTLP traces, Prometheus metrics.
 //!
@@ -19,12 +22,14 @@
 //! - This crate does not depend on tch or scylla.
 
 pub mod admin;
+pub mod client;
 pub mod codec;
 pub mod error;
 pub mod events;
 pub mod kafka;
 pub mod offsets;
 pub mod processor;
+pub mod secret;
 pub mod telemetry;
 pub mod topology;
 

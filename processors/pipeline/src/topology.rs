@@ -72,12 +72,19 @@ fn default_compat() -> String {
 }
 
 /// Kafka client settings shared by every processor.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSpec {
-    /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
+    /// Extra librdkafka properties applied to every client (e.g. `security.protocol`). Secrets go
+    /// in the environment or files, not here (see [`crate::client`]).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSpec").field("client", &crate::secret::redacted(&self.client)).finish()
+    }
 }
 
 /// How a processor consumes and produces.

@@ -32,6 +32,10 @@ fn event(id: &str, tagged_at: i64, tags: &[(&str, f32)]) -> MediaTagged {
         ingested_at: tagged_at - 10,
         tagged_at,
         lineage: Lineage { topic: "media.ingested".into(), partition: 0, offset: 1 },
+        title: None,
+        source: None,
+        language: None,
+        attributes: HashMap::new(),
     }
 }
 

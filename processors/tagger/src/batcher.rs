@@ -128,6 +128,9 @@ pub enum BatchError {
     /// The batcher or model thread is gone (shutting down).
     #[error("batcher stopped")]
     Stopped,
+    /// `try_infer` only: the queue has no room now (callers answer "busy, retry later").
+    #[error("batcher queue full")]
+    QueueFull,
 }
 
 struct Request {
@@ -258,6 +261,32 @@ impl Batcher {
         }
         .instrument(tracing::info_span!("inference", sequences = n))
         .await
+    }
+
+    /// Like [`Batcher::infer`], but never waits for room: when the queue cannot take all of
+    /// `seqs` at once it fails with [`BatchError::QueueFull`] and enqueues nothing (synchronous
+    /// API callers get "busy, retry later" instead of an unbounded wait). A request larger than
+    /// the whole queue waits its turns as with `infer`.
+    pub async fn try_infer(&self, seqs: Vec<Seq>) -> Result<Vec<Vec<f32>>, BatchError> {
+        if seqs.len() > self.tx.max_capacity() {
+            // More sequences than the queue ever holds at once: they can only enter in turns.
+            return self.infer(seqs).await;
+        }
+        let permits = self.tx.try_reserve_many(seqs.len()).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => BatchError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => BatchError::Stopped,
+        })?;
+        let mut replies = Vec::with_capacity(seqs.len());
+        for (seq, permit) in seqs.into_iter().zip(permits) {
+            let (reply, rx) = oneshot::channel();
+            permit.send(Request { seq, enqueued: Instant::now(), reply });
+            replies.push(rx);
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        for rx in replies {
+            out.push(rx.await.map_err(|_| BatchError::Stopped)??);
+        }
+        Ok(out)
     }
 }
 

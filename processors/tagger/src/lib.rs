@@ -28,5 +28,40 @@ pub mod processor;
 pub mod tagger;
 
 pub use config::TaggerConfig;
+
+use std::sync::Arc;
+
+use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::kafka::{run, RunSummary, RunnerConfig};
+use streamoasis_pipeline::topology::{ConfigError, Topology};
+use streamoasis_pipeline::CancellationToken;
+
+/// Run the tagger processor as `streamoasis tagger` does (the one wiring path: the command,
+/// the API's `tagger --api-addr` mode and the tests all call this): `processors.tagger` and
+/// `kafka.client` from the topology, until `shutdown`.
+pub async fn serve(
+    topo: &Topology,
+    brokers: &str,
+    codec: Arc<Codec>,
+    tagger: Arc<Tagger>,
+    health: Option<Arc<streamoasis_pipeline::telemetry::Health>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    let mut runner = RunnerConfig::new(brokers, topo.file.processors.tagger.clone(), topo.file.kafka.client.clone());
+    if let Some(h) = health {
+        runner = runner.with_health(h);
+    }
+    run(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown).await
+}
+
+/// Re-read `tagging.labels` from the topology file at `path`, validate the whole `tagging`
+/// section, and swap the tagger's taxonomy (SIGHUP). On any error the current labels stay.
+/// Returns the new label count.
+pub async fn reload_labels(path: &std::path::Path, tagger: &Tagger) -> anyhow::Result<usize> {
+    let topo = Topology::load(path)?;
+    let cfg = TaggerConfig::from_topology(&topo).map_err(|e: ConfigError| anyhow::anyhow!("{e}"))?;
+    tagger.reload_labels(&cfg.labels).await.map_err(|e| anyhow::anyhow!("embedding the new labels: {e}"))?;
+    Ok(cfg.labels.len())
+}
 pub use processor::TaggerProcessor;
 pub use tagger::{TagRequest, TagResult, Tagger};

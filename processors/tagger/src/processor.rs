@@ -50,6 +50,7 @@ impl Processor for TaggerProcessor {
             Err(TagError::Model(BatchError::Model(m))) => return Err(ProcessError::poison(ErrorKind::ModelError, m)),
             Err(TagError::Model(BatchError::Overloaded(m))) => return Err(ProcessError::Transient(m)),
             Err(TagError::Model(BatchError::Stopped)) => return Err(ProcessError::Fatal("the model thread stopped".into())),
+            Err(TagError::Model(BatchError::QueueFull)) => return Err(ProcessError::Transient("batcher queue full".into())),
         };
         Ok(vec![MediaTagged {
             media_id: item.media_id,
@@ -61,6 +62,10 @@ impl Processor for TaggerProcessor {
             ingested_at: item.ingested_at,
             tagged_at: now_millis(),
             lineage: Lineage { topic: meta.topic, partition: meta.partition, offset: meta.offset },
+            title: Some(item.title),
+            source: Some(item.source),
+            language: item.language,
+            attributes: item.attributes,
         }])
     }
 }

@@ -86,10 +86,28 @@ pub enum TagError {
     Model(#[from] BatchError),
 }
 
+/// How a request enters a full batcher queue: wait for room (stream) or fail at once (API).
+#[derive(Debug, Clone, Copy)]
+enum Admit {
+    Wait,
+    FailFast,
+}
+
+impl Admit {
+    async fn infer(self, b: &Batcher, seqs: Vec<Seq>) -> Result<Vec<Vec<f32>>, BatchError> {
+        match self {
+            Admit::Wait => b.infer(seqs).await,
+            Admit::FailFast => b.try_infer(seqs).await,
+        }
+    }
+}
+
 struct Labels {
     names: Vec<String>,
     /// One normalised embedding per label (embedding strategy).
     vectors: Vec<Arc<Vec<f32>>>,
+    /// The same labels embedded with the templates of kinds that have their own.
+    kind_vectors: HashMap<MediaKind, Vec<Arc<Vec<f32>>>>,
 }
 
 struct Nli {
@@ -118,9 +136,8 @@ enum Scorer {
 pub struct Tagger {
     cfg: TaggerConfig,
     scorer: Scorer,
-    taxonomy: Labels,
-    /// Taxonomy vectors of kinds with their own templates.
-    kind_vectors: HashMap<MediaKind, Vec<Arc<Vec<f32>>>>,
+    /// The taxonomy in use; swapped whole by [`Tagger::reload_labels`].
+    taxonomy: std::sync::RwLock<Arc<Labels>>,
     cache: Mutex<LruCache<String, Arc<Vec<f32>>>>,
     /// Held while missing candidate labels are embedded, so a burst of items with the same new
     /// labels embeds them once instead of once per item.
@@ -217,30 +234,47 @@ impl Tagger {
 
         let mut tagger = Tagger {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cfg.label_cache.max(1)).unwrap())),
-            taxonomy: Labels { names: vec![], vectors: vec![] },
-            kind_vectors: HashMap::new(),
+            taxonomy: std::sync::RwLock::new(Arc::new(Labels { names: vec![], vectors: vec![], kind_vectors: HashMap::new() })),
             label_fill: tokio::sync::Mutex::new(()),
             scorer,
             model,
             manifest,
             cfg,
         };
-        if matches!(tagger.scorer, Scorer::Embedding(_)) {
-            let names: Vec<String> = tagger.cfg.labels.iter().map(|l| l.name.clone()).collect();
-            let descriptions: Vec<Vec<String>> = tagger.cfg.labels.iter().map(|l| l.all_descriptions()).collect();
-            let base = tagger.cfg.embedding.templates.clone();
-            let vectors = tagger.embed_labels(&base, &names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
-            let kinds: Vec<(MediaKind, Vec<String>)> =
-                tagger.cfg.embedding.kinds.iter().filter_map(|(k, s)| s.templates.clone().map(|t| (*k, t))).collect();
-            for (kind, templates) in kinds {
-                let v = tagger.embed_labels(&templates, &names, &descriptions).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy for {}: {e}", kind_symbol(kind))))?;
-                tagger.kind_vectors.insert(kind, v);
-            }
-            tagger.taxonomy = Labels { names, vectors };
-        } else {
-            tagger.taxonomy = Labels { names: tagger.cfg.labels.iter().map(|l| l.name.clone()).collect(), vectors: vec![] };
-        }
+        let labels = tagger.cfg.labels.clone();
+        let taxonomy = tagger.embed_taxonomy(&labels).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
+        tagger.taxonomy = std::sync::RwLock::new(Arc::new(taxonomy));
         Ok(tagger)
+    }
+
+    async fn embed_taxonomy(&self, labels: &[crate::config::LabelSpec]) -> Result<Labels, BatchError> {
+        let names: Vec<String> = labels.iter().map(|l| l.name.clone()).collect();
+        if matches!(self.scorer, Scorer::Nli(_)) {
+            return Ok(Labels { names, vectors: vec![], kind_vectors: HashMap::new() });
+        }
+        let descriptions: Vec<Vec<String>> = labels.iter().map(|l| l.all_descriptions()).collect();
+        let vectors = self.embed_labels(&self.cfg.embedding.templates, &names, &descriptions).await?;
+        let mut kind_vectors = HashMap::new();
+        for (kind, s) in &self.cfg.embedding.kinds {
+            if let Some(templates) = &s.templates {
+                kind_vectors.insert(*kind, self.embed_labels(templates, &names, &descriptions).await?);
+            }
+        }
+        Ok(Labels { names, vectors, kind_vectors })
+    }
+
+    /// Replace the taxonomy without a restart (SIGHUP): the new labels are embedded first and
+    /// swapped in whole, so every item is tagged with either the old or the new taxonomy.
+    /// Validate the labels (`TaggerConfig::validate`) before calling this.
+    pub async fn reload_labels(&self, labels: &[crate::config::LabelSpec]) -> Result<(), BatchError> {
+        let next = self.embed_taxonomy(labels).await?;
+        *self.taxonomy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Names of the taxonomy labels in use.
+    pub fn label_names(&self) -> Vec<String> {
+        self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).names.clone()
     }
 
     /// The model whose scores are emitted.
@@ -290,6 +324,10 @@ impl Tagger {
 
     /// Embed a whole text: windows, pooled (mean, renormalised). `None` for empty text.
     pub async fn embed_document(&self, text: &str) -> Result<Option<Vec<f32>>, BatchError> {
+        self.embed_document_with(text, Admit::Wait).await
+    }
+
+    async fn embed_document_with(&self, text: &str, admit: Admit) -> Result<Option<Vec<f32>>, BatchError> {
         let e = self.embedder()?;
         let t = &self.cfg.text;
         let windows = match t.placement {
@@ -299,7 +337,7 @@ impl Tagger {
         if windows.is_empty() {
             return Ok(None);
         }
-        let rows = e.batcher.infer(windows).await?;
+        let rows = admit.infer(&e.batcher, windows).await?;
         Ok(Some(mean_pool(&rows)))
     }
 
@@ -414,8 +452,18 @@ impl Tagger {
         }
     }
 
-    /// Tag one item.
+    /// Tag one item; waits while the batcher queue is full (the stream's backpressure).
     pub async fn tag(&self, req: &TagRequest) -> Result<TagResult, TagError> {
+        self.tag_with(req, Admit::Wait).await
+    }
+
+    /// Tag one item, failing at once with `BatchError::QueueFull` when the batcher queue has no
+    /// room for its sequences (synchronous API callers: "busy, retry later").
+    pub async fn try_tag(&self, req: &TagRequest) -> Result<TagResult, TagError> {
+        self.tag_with(req, Admit::FailFast).await
+    }
+
+    async fn tag_with(&self, req: &TagRequest, admit: Admit) -> Result<TagResult, TagError> {
         let labels = match &req.candidate_labels {
             Some(c) => Some(self.check_candidates(c)?),
             None => None,
@@ -428,16 +476,17 @@ impl Tagger {
             tracing::debug!(language = %lang, "item not tagged: unsupported language");
             return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("unsupported_language".into()) });
         }
-        let names: Vec<String> = labels.clone().unwrap_or_else(|| self.taxonomy.names.clone());
+        let taxonomy = self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let names: Vec<String> = labels.clone().unwrap_or_else(|| taxonomy.names.clone());
         let ks = self.cfg.for_kind(req.kind);
         let scores = match &self.scorer {
-            Scorer::Nli(nli) => self.nli_scores(nli, &text, &names).await?,
+            Scorer::Nli(nli) => self.nli_scores(nli, &text, &names, admit).await?,
             Scorer::Embedding(_) => {
                 let vectors = match &labels {
                     Some(l) => self.candidate_vectors(req.kind, l).await?,
-                    None => match self.kind_vectors.get(&req.kind) {
+                    None => match taxonomy.kind_vectors.get(&req.kind) {
                         Some(v) => v.clone(),
-                        None => self.taxonomy.vectors.clone(),
+                        None => taxonomy.vectors.clone(),
                     },
                 };
                 let margin = self.cfg.text.adaptive_margin;
@@ -445,7 +494,7 @@ impl Tagger {
                 let mut scored = None;
                 if margin > 0.0 && has_more {
                     let lead = req.lead();
-                    if let Some(doc) = self.embed_document(&lead).await? {
+                    if let Some(doc) = self.embed_document_with(&lead, admit).await? {
                         let s = self.score(&doc, &vectors, &names, ks);
                         if top2_margin(&s) >= margin {
                             scored = Some(s);
@@ -455,7 +504,7 @@ impl Tagger {
                 match scored {
                     Some(s) => s,
                     None => {
-                        let Some(doc) = self.embed_document(&text).await? else {
+                        let Some(doc) = self.embed_document_with(&text, admit).await? else {
                             return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()) });
                         };
                         self.score(&doc, &vectors, &names, ks)
@@ -492,13 +541,13 @@ impl Tagger {
     }
 
     /// Scores with the semantics of the transformers zero-shot-classification pipeline.
-    async fn nli_scores(&self, nli: &Nli, text: &str, labels: &[String]) -> Result<Vec<f32>, TagError> {
+    async fn nli_scores(&self, nli: &Nli, text: &str, labels: &[String], admit: Admit) -> Result<Vec<f32>, TagError> {
         let premise = nli.encoder.content_ids(text, nli.encoder.max_tokens * 8);
         if premise.is_empty() {
             return Ok(vec![0.0; labels.len()]);
         }
         let seqs: Vec<Seq> = labels.iter().map(|l| nli.encoder.pair(&premise, &nli.template.replace("{}", l))).collect();
-        let logits = nli.batcher.infer(seqs).await?;
+        let logits = admit.infer(&nli.batcher, seqs).await?;
         Ok(nli_pipeline_scores(&logits, nli.entailment, nli.contradiction, nli.multi_label))
     }
 }

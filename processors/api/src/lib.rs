@@ -1,0 +1,183 @@
+//! # streamoasis-api
+//!
+//! Serving beside the stream: synchronous tagging over REST and gRPC through the same dynamic
+//! batcher as the Kafka tagger, the read path over what the sink stored, and enqueueing to the
+//! ingest topic. Started by `streamoasis api` (its own model) or `streamoasis tagger
+//! --api-addr` (one process, one batcher: API calls and stream events share batches).
+//!
+//! ## Layout
+//! - [`auth`]: bearer JWT (HS256 secret or RS256 JWKS; `exp`, `iss`, `aud`), shared by both.
+//! - [`rest`]: the axum router, its JSON error bodies and the OpenAPI document it serves.
+//! - [`grpc`]: `streamoasis.v1.Tagger` (`Tag`, bidi `TagStream`) and server reflection.
+//! - [`validate`]: the checks a tagging request passes before it reaches the batcher, shared
+//!   by REST and gRPC so both reject the same input with the same field names.
+//! - [`ops`]: `retag` and `dlq replay` (records back into the normal flow, once per run).
+//! - [`serve`]: binds nothing itself; runs both servers on given listeners until shutdown.
+//!
+//! ## Limits (every queue bounded)
+//! Request bodies are capped ([`Limits::max_body_bytes`], 413 beyond); a tagging request that
+//! finds the batcher queue full is answered at once with 429 + `Retry-After` (gRPC:
+//! `RESOURCE_EXHAUSTED`) instead of waiting; each tagging call has a deadline
+//! ([`Limits::request_timeout`], 504 / `DEADLINE_EXCEEDED`); `TagStream` keeps at most
+//! [`Limits::stream_concurrency`] items of one stream in flight (HTTP/2 flow control pushes
+//! back on the caller beyond).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::CancellationToken;
+use streamoasis_pipeline::topology::Topology;
+use streamoasis_sink::read::Reader;
+use streamoasis_sink::SinkConfig;
+use streamoasis_tagger::Tagger;
+use tokio::net::TcpListener;
+
+pub mod auth;
+pub mod grpc;
+pub mod ops;
+pub mod rest;
+pub mod validate;
+
+/// Generated from `proto/streamoasis/v1/tagger.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("streamoasis.v1");
+    /// The encoded descriptor set served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/streamoasis_descriptor.bin"));
+}
+
+pub use auth::Auth;
+
+/// Default REST address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+/// Default gRPC address.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Longest title / description / transcript, in bytes each.
+    pub max_text_bytes: usize,
+    /// Most items in one `POST /v1/media`.
+    pub max_media_items: usize,
+    /// Most items one page of `GET /v1/tags/{tag}/media` returns.
+    pub max_page: usize,
+    /// Deadline of one tagging call (504 / DEADLINE_EXCEEDED beyond).
+    pub request_timeout: Duration,
+    /// Items of one `TagStream` in flight at once.
+    pub stream_concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_text_bytes: 64 * 1024,
+            max_media_items: 1000,
+            max_page: 1000,
+            request_timeout: Duration::from_secs(30),
+            stream_concurrency: 64,
+        }
+    }
+}
+
+/// Where `POST /v1/media` sends items.
+pub struct Ingest {
+    /// The producer (acks awaited before answering 202).
+    pub producer: FutureProducer,
+    /// Registry-backed Avro codec.
+    pub codec: Arc<Codec>,
+    /// The ingest topic (the tagger's input).
+    pub topic: String,
+}
+
+/// Everything the handlers share.
+pub struct ApiState {
+    /// The loaded tagger (its batcher is shared with the stream when run in the tagger).
+    pub tagger: Arc<Tagger>,
+    /// The read path; `None` answers 503 on the read routes.
+    pub reader: Option<Arc<Reader>>,
+    /// The ingest producer; `None` answers 503 on `POST /v1/media`.
+    pub ingest: Option<Ingest>,
+    /// Token verification.
+    pub auth: Auth,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState").field("auth", &self.auth).field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+/// Where the services are (every command and test fills this the same way; defaults in
+/// `streamoasis_pipeline::env`).
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// Kafka bootstrap servers.
+    pub kafka: String,
+    /// Schema registry base URL.
+    pub registry: String,
+    /// CQL contact points; `None`: no read path (those routes answer 503).
+    pub scylla: Option<String>,
+}
+
+/// Build the handlers' state from the topology: the read path on the sink's keyspace, the
+/// producer to the tagger's input topic, the given tagger, auth and limits.
+pub async fn state(conn: &Connections, topo: &Topology, tagger: Arc<Tagger>, auth: Auth, limits: Limits) -> anyhow::Result<ApiState> {
+    let reader = match &conn.scylla {
+        Some(uri) => {
+            let cfg = SinkConfig::from_topology(topo)?;
+            let session = Arc::new(streamoasis_sink::connect(uri, &cfg).await?);
+            Some(Arc::new(Reader::new(session, &cfg.keyspace).await?))
+        }
+        None => None,
+    };
+    let ingest = Ingest {
+        producer: streamoasis_pipeline::kafka::producer(&conn.kafka, &topo.file.kafka.client)?,
+        codec: Arc::new(Codec::new(&conn.registry)?),
+        topic: topo.file.processors.tagger.input.clone(),
+    };
+    Ok(ApiState { tagger, reader, ingest: Some(ingest), auth, limits })
+}
+
+/// The two listeners (bind with port 0 in tests and read `local_addr`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// REST.
+    pub http: TcpListener,
+    /// gRPC.
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    /// Bind both addresses; the error names the address that is taken.
+    pub async fn bind(http: &str, grpc: &str) -> anyhow::Result<Listeners> {
+        let h = TcpListener::bind(http).await.map_err(|e| anyhow::anyhow!("cannot listen on --addr {http}: {e}"))?;
+        let g = TcpListener::bind(grpc).await.map_err(|e| anyhow::anyhow!("cannot listen on --grpc-addr {grpc}: {e}"))?;
+        Ok(Listeners { http: h, grpc: g })
+    }
+}
+
+/// Run the REST and gRPC servers until `shutdown`, then finish in-flight requests.
+pub async fn serve(listeners: Listeners, state: Arc<ApiState>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http_addr = listeners.http.local_addr()?;
+    let grpc_addr = listeners.grpc.local_addr()?;
+    tracing::info!(%http_addr, %grpc_addr, auth = state.auth.enabled(), "api serving");
+    let app = rest::router(state.clone());
+    let s1 = shutdown.clone();
+    let http = async move {
+        axum::serve(listeners.http, app).with_graceful_shutdown(async move { s1.cancelled().await }).await.map_err(anyhow::Error::from)
+    };
+    let s2 = shutdown.clone();
+    let grpc = grpc::serve(listeners.grpc, state, async move { s2.cancelled().await });
+    let (a, b) = tokio::join!(http, grpc);
+    a?;
+    b?;
+    Ok(())
+}

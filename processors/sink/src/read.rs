@@ -1,0 +1,295 @@
+//! The read path: what the API serves from the tables the sink writes.
+//!
+//! - [`Reader::media`]: one item's row of `media_tags` (tags best first, carried fields).
+//! - [`Reader::by_tag`]: items carrying a tag, best first, one page at a time. A page reads the
+//!   head of every `(tag, bucket)` partition after the cursor (at most `limit + 1` rows each,
+//!   clustered best first, so no partition is read whole), merges them and keeps `limit`. The
+//!   page token is opaque to callers: it encodes the last `(score, media_id)` returned, and
+//!   the next page starts strictly after it, so pages never repeat or skip an item that stays
+//!   put while paging.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimestamp;
+
+use crate::{bucket_of, BY_TAG_BUCKETS};
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The page token was not one this service issued (caller error).
+    #[error("page: not a page token issued by this service ({0})")]
+    BadPageToken(String),
+    /// The database failed (retry later).
+    #[error("database: {0}")]
+    Db(String),
+}
+
+fn db(e: impl std::fmt::Display) -> ReadError {
+    ReadError::Db(e.to_string())
+}
+
+/// One item's stored tags and the fields carried from its input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MediaRecord {
+    /// The item.
+    pub media_id: String,
+    /// Tags, highest score first.
+    pub tags: Vec<(String, f32)>,
+    /// Media kind (`VIDEO`, ...).
+    pub kind: Option<String>,
+    /// `EMBEDDING` or `NLI`.
+    pub strategy: Option<String>,
+    /// `name@version` of the model.
+    pub model: Option<String>,
+    /// Title carried from the input.
+    pub title: Option<String>,
+    /// Source carried from the input.
+    pub source: Option<String>,
+    /// Language carried from the input.
+    pub language: Option<String>,
+    /// Attributes carried from the input.
+    pub attributes: HashMap<String, String>,
+    /// When the item was ingested (ms since the epoch).
+    pub ingested_at: Option<i64>,
+    /// When it was tagged (ms since the epoch).
+    pub tagged_at: Option<i64>,
+}
+
+/// One item of a by-tag page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaggedItem {
+    /// The item.
+    pub media_id: String,
+    /// Its score for the tag.
+    pub score: f32,
+    /// When it was tagged (ms since the epoch).
+    pub tagged_at: Option<i64>,
+}
+
+/// A page of items carrying a tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// Best first.
+    pub items: Vec<TaggedItem>,
+    /// Token of the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// Encode a cursor: `(score, media_id)` of the last item returned.
+fn encode_token(score: f32, media_id: &str) -> String {
+    let hex: String = media_id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("p1{:08x}{hex}", score.to_bits())
+}
+
+/// Decode a cursor made by [`encode_token`].
+fn decode_token(t: &str) -> Result<(f32, String), ReadError> {
+    let bad = |why: &str| ReadError::BadPageToken(why.to_string());
+    let rest = t.strip_prefix("p1").ok_or_else(|| bad("unknown version"))?;
+    if rest.len() < 8 || rest.len() % 2 != 0 || !rest.is_ascii() {
+        return Err(bad("malformed"));
+    }
+    let bits = u32::from_str_radix(&rest[..8], 16).map_err(|_| bad("malformed score"))?;
+    let bytes: Result<Vec<u8>, _> = (8..rest.len()).step_by(2).map(|i| u8::from_str_radix(&rest[i..i + 2], 16)).collect();
+    let id = String::from_utf8(bytes.map_err(|_| bad("malformed id"))?).map_err(|_| bad("malformed id"))?;
+    let score = f32::from_bits(bits);
+    if !score.is_finite() {
+        return Err(bad("malformed score"));
+    }
+    Ok((score, id))
+}
+
+/// Prepared read statements (prepare once per process).
+pub struct Reader {
+    session: Arc<Session>,
+    media: PreparedStatement,
+    head: PreparedStatement,
+    after: PreparedStatement,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+type MediaRow = (
+    String,
+    Option<HashMap<String, f32>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<HashMap<String, String>>,
+    Option<CqlTimestamp>,
+    Option<CqlTimestamp>,
+);
+
+impl Reader {
+    /// Prepare the statements against `keyspace`.
+    pub async fn new(session: Arc<Session>, keyspace: &str) -> anyhow::Result<Self> {
+        let ks = keyspace;
+        let prep = |q: String| {
+            let session = session.clone();
+            async move { session.prepare(q.clone()).await.map_err(|e| anyhow::anyhow!("preparing `{q}`: {e} (did `streamoasis topology apply` run?)")) }
+        };
+        Ok(Reader {
+            media: prep(format!(
+                "SELECT media_id, tags, kind, strategy, model, title, source, language, attributes, ingested_at, tagged_at \
+                 FROM {ks}.media_tags WHERE media_id = ?"
+            ))
+            .await?,
+            head: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? LIMIT ?")).await?,
+            after: prep(format!(
+                "SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?"
+            ))
+            .await?,
+            session,
+        })
+    }
+
+    /// One item's row; `None` when the sink has not stored it.
+    pub async fn media(&self, media_id: &str) -> Result<Option<MediaRecord>, ReadError> {
+        let r = self.session.execute_unpaged(&self.media, (media_id,)).await.map_err(db)?.into_rows_result().map_err(db)?;
+        let Some(row) = r.maybe_first_row::<MediaRow>().map_err(db)? else {
+            return Ok(None);
+        };
+        let (media_id, tags, kind, strategy, model, title, source, language, attributes, ingested_at, tagged_at) = row;
+        let mut tags: Vec<(String, f32)> = tags.unwrap_or_default().into_iter().collect();
+        tags.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(Some(MediaRecord {
+            media_id,
+            tags,
+            kind,
+            strategy,
+            model,
+            title,
+            source,
+            language,
+            attributes: attributes.unwrap_or_default(),
+            ingested_at: ingested_at.map(|t| t.0),
+            tagged_at: tagged_at.map(|t| t.0),
+        }))
+    }
+
+    /// One page of the items carrying `tag`, best first (score, then media id, descending).
+    pub async fn by_tag(&self, tag: &str, limit: usize, page: Option<&str>) -> Result<Page, ReadError> {
+        let cursor = page.map(decode_token).transpose()?;
+        let per = i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX);
+        let reads = (0..BY_TAG_BUCKETS).map(|b| {
+            let cursor = cursor.clone();
+            async move {
+                let r = match &cursor {
+                    None => self.session.execute_unpaged(&self.head, (tag, b, per)).await,
+                    Some((s, id)) => self.session.execute_unpaged(&self.after, (tag, b, *s, id, per)).await,
+                };
+                let rows = r.map_err(db)?.into_rows_result().map_err(db)?;
+                let v: Vec<(f32, String, Option<CqlTimestamp>)> = rows.rows().map_err(db)?.collect::<Result<_, _>>().map_err(db)?;
+                Ok::<_, ReadError>(v)
+            }
+        });
+        let mut all: Vec<TaggedItem> = Vec::new();
+        for r in futures::future::join_all(reads).await {
+            all.extend(r?.into_iter().map(|(score, media_id, t)| TaggedItem { media_id, score, tagged_at: t.map(|t| t.0) }));
+        }
+        all.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| b.media_id.cmp(&a.media_id)));
+        let more = all.len() > limit;
+        all.truncate(limit);
+        let next = if more { all.last().map(|l| encode_token(l.score, &l.media_id)) } else { None };
+        Ok(Page { items: all, next })
+    }
+}
+
+/// One page of items carrying `tag` without a long-lived [`Reader`] (operators' commands).
+pub async fn by_tag_page(session: &Session, keyspace: &str, tag: &str, limit: usize, page: Option<&str>) -> anyhow::Result<Page> {
+    // A Reader needs an Arc'd session; issue the same statements unprepared instead.
+    let cursor = page.map(decode_token).transpose()?;
+    let per = i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX);
+    let mut all = Vec::new();
+    for b in 0..BY_TAG_BUCKETS {
+        let r = match &cursor {
+            None => {
+                let q = format!("SELECT score, media_id, tagged_at FROM {keyspace}.media_by_tag WHERE tag = ? AND bucket = ? LIMIT ?");
+                session.query_unpaged(q, (tag, b, per)).await?
+            }
+            Some((s, id)) => {
+                let q = format!("SELECT score, media_id, tagged_at FROM {keyspace}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?");
+                session.query_unpaged(q, (tag, b, *s, id, per)).await?
+            }
+        };
+        let rows = r.into_rows_result()?;
+        for row in rows.rows::<(f32, String, Option<CqlTimestamp>)>()? {
+            let (score, media_id, t) = row?;
+            all.push(TaggedItem { media_id, score, tagged_at: t.map(|t| t.0) });
+        }
+    }
+    all.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| b.media_id.cmp(&a.media_id)));
+    let more = all.len() > limit;
+    all.truncate(limit);
+    let next = if more { all.last().map(|l| encode_token(l.score, &l.media_id)) } else { None };
+    Ok(Page { items: all, next })
+}
+
+/// Rows of `media_by_tag` for `tag` (every bucket).
+pub async fn count_by_tag(session: &Session, keyspace: &str, tag: &str) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for b in 0..BY_TAG_BUCKETS {
+        let q = format!("SELECT COUNT(*) FROM {keyspace}.media_by_tag WHERE tag = ? AND bucket = ?");
+        let r = session.query_unpaged(q, (tag, b)).await?.into_rows_result()?;
+        n += r.maybe_first_row::<(i64,)>()?.map_or(0, |(c,)| c);
+    }
+    Ok(n)
+}
+
+/// Rebuild `media_by_tag` from `media_tags` (the migration `topology apply` runs): one row per
+/// stored tag, written with the item row's own write time so later sink writes still win.
+pub async fn rebuild_by_tag(session: &Session, keyspace: &str) -> anyhow::Result<u64> {
+    let insert = session
+        .prepare(format!("INSERT INTO {keyspace}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"))
+        .await?;
+    let mut rows = session
+        .query_iter(format!("SELECT media_id, tags, tagged_at, WRITETIME(top_tag) FROM {keyspace}.media_tags"), ())
+        .await?
+        .rows_stream::<(String, Option<HashMap<String, f32>>, Option<CqlTimestamp>, Option<i64>)>()?;
+    let mut n = 0u64;
+    while let Some(row) = rows.next().await {
+        let (media_id, tags, tagged_at, written) = row?;
+        let tagged_at = tagged_at.unwrap_or(CqlTimestamp(0));
+        let ts = written.unwrap_or(tagged_at.0.saturating_mul(1000));
+        for (tag, score) in tags.unwrap_or_default() {
+            session.execute_unpaged(&insert, (&tag, bucket_of(&media_id), score, &media_id, tagged_at, ts)).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        for (s, id) in [(0.5f32, "m-1"), (0.0, ""), (1.0, "ünï/code id")] {
+            let t = encode_token(s, id);
+            assert_eq!(decode_token(&t).unwrap(), (s, id.to_string()));
+        }
+        for bad in ["", "p1", "p1zz", "x13f000000", "p13f00000", "p17fc00000"] {
+            assert!(decode_token(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn buckets_are_stable_and_in_range() {
+        assert_eq!(bucket_of("m-1"), bucket_of("m-1"));
+        let used: std::collections::HashSet<i32> = (0..1000).map(|i| bucket_of(&format!("item-{i}"))).collect();
+        assert_eq!(used.len(), BY_TAG_BUCKETS as usize);
+        assert!(used.iter().all(|b| (0..BY_TAG_BUCKETS).contains(b)));
+    }
+}
