@@ -522,7 +522,6 @@ def export_nli(out_root: Path, force: bool, threads: int = 0) -> None:
     assert any(c["last_pair_tokens"] == MAX_SEQ_LEN for c in cases), "no case hits truncation"
 
     tmp_pt.replace(out / "model.pt")
-    int8_note = export_int8(model, tok, ex, out, ref)
     shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
     write_json(out / "reference.json", {
         "model": "nli-tiny (random weights)",
