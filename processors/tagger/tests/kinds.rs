@@ -124,6 +124,36 @@ fn spread_windows_reach_the_end_of_long_text() {
 }
 
 #[test]
+fn head_windows_count_stride_and_cap() {
+    // max_tokens 34: 32 content tokens per window between [CLS] and [SEP].
+    let enc = TextEncoder::load(&model_dir(), 34).unwrap();
+    let text: String = (0..100).map(|i| ["alpha ", "bravo ", "charlie ", "delta ", "echo "][i % 5]).collect();
+    let ids = enc.content_ids(&text, 10_000);
+    assert_eq!(ids.len(), 100, "one token per word");
+    let body = |w: &streamoasis_tagger::batcher::Seq| w.ids[1..w.ids.len() - 1].to_vec();
+    for (stride, max) in [(0usize, 10usize), (8, 10), (16, 10), (8, 2), (0, 1)] {
+        let step = 32 - stride;
+        let uncapped = (100 - 32usize).div_ceil(step) + 1;
+        let w = enc.windows(&text, max, stride);
+        assert_eq!(w.len(), uncapped.min(max), "stride {stride}, cap {max}");
+        for (k, win) in w.iter().enumerate() {
+            assert!(win.ids.len() <= 34, "a window holds at most max_tokens");
+            assert_eq!((win.ids[0], *win.ids.last().unwrap()), (101, 102), "[CLS] ... [SEP]");
+            assert_eq!(body(win), ids[k * step..(k * step + 32).min(100)].to_vec(), "window {k} starts at k * (body - stride)");
+        }
+        if w.len() > 1 {
+            // Consecutive windows share exactly `stride` tokens.
+            assert_eq!(body(&w[0])[32 - stride..], body(&w[1])[..stride]);
+        }
+        if uncapped <= max {
+            assert_eq!(body(w.last().unwrap()).last(), ids.last(), "uncapped windows reach the end");
+        }
+    }
+    assert!(enc.windows("", 4, 0).is_empty() && enc.windows("   ", 4, 0).is_empty(), "no text, no windows");
+    assert_eq!(enc.windows("short", 4, 0).len(), 1);
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let e = parse("embedding: {kinds: {FILM: {templates: ['A {label} film.']}}}\nlabels: [{name: a}]", "fp32").unwrap_err();
     assert!(e.contains("FILM") && e.contains("MOVIE"), "{e}");
