@@ -139,8 +139,8 @@ def main() -> None:
     if mc:
         m = mc["meta"]
         out += ["## Model choice: MiniLM-L6 vs MPNet-base (Python, same run)", "",
-                f"`./benches/run models` — {m['bbc_articles']} BBC articles (every {m['bbc_every_kth']}th), "
-                f"{m['tmdb_test_films']} TMDB test films (every {m['tmdb_every_kth']}th), default prompts from topology.yaml "
+                f"`./benches/run models` — {m['bbc_articles']} BBC articles (every k-th), "
+                f"{m['tmdb_test_films']} TMDB test films (every k-th), default prompts from topology.yaml "
                 f"(BBC single-label argmax; TMDB raw cosine ranking, MOVIE templates, no calibration); fp32 speed at batch "
                 f"{m['batch']}, {m['threads']} threads, interleaved rounds (load average at the end {m['load_avg_at_end'][0]}). "
                 "Packages searched and the choice: docs/models.md.", "",

@@ -60,6 +60,10 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamoasis")
 
 
+def ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
 def kth(n: int, limit: int) -> int:
     return max(1, n // limit) if limit and limit < n else 1
 
@@ -327,8 +331,8 @@ def write_md(args, meta, results, models, extra) -> None:
            + (" --bert-specials" if args.bert_specials else ""))
     md = f"""# Embedding model comparison
 
-{meta['bbc_articles']} BBC News articles (every {meta['bbc_every_kth']}th of {meta['bbc_total']}), {meta['tmdb_test_films']} TMDB films
-(every {meta['tmdb_every_kth']}th of the {meta['tmdb_test_total']} in the test split), {meta['tmdb_genres']} genres; all models in the same run, on the
+{meta['bbc_articles']} BBC News articles (every {ordinal(meta['bbc_every_kth'])} of {meta['bbc_total']}), {meta['tmdb_test_films']} TMDB films
+(every {ordinal(meta['tmdb_every_kth'])} of the {meta['tmdb_test_total']} in the test split), {meta['tmdb_genres']} genres; all models in the same run, on the
 same machine.
 
 {head}
