@@ -58,3 +58,19 @@ load_stack_env() {
   export SCHEMA_REGISTRY_URL="${SCHEMA_REGISTRY_URL:-http://127.0.0.1:8081/apis/ccompat/v7}"
   export SCYLLA_URI="${SCYLLA_URI:-127.0.0.1:9042}"
 }
+
+# The harness venv of the fault suite and the load sweep (Kafka, CQL and Avro clients), created
+# once per requirements file under ~/.cache/streamoasis; prints its path.
+faults_venv() {
+  local req="$SO_ROOT/scripts/faults.d/requirements.txt" venv
+  venv="$SO_CACHE/venv-faults-$(sha256sum "$req" | cut -c1-12)"
+  if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+    log "harness venv $venv" >&2
+    need python3 "Python 3 (apt-get install python3 python3-venv)"
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
+    touch "$venv/.complete"
+  fi
+  echo "$venv"
+}

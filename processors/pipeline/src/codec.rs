@@ -208,6 +208,24 @@ impl Codec {
         })
     }
 
+    /// Check that the registry answers and accepts our credentials (`GET /subjects`): start-up
+    /// readiness. Every failure is `Unavailable` and names what to check.
+    pub async fn probe(&self) -> Result<(), CodecError> {
+        let url = format!("{}/subjects", self.url);
+        let mut req = self.http.get(&url).timeout(std::time::Duration::from_secs(5));
+        if let Some((user, pass)) = &self.auth.basic {
+            req = req.basic_auth(user, pass.as_ref().map(Secret::expose));
+        }
+        let resp = req.send().await.map_err(|e| CodecError::Unavailable(format!("GET {url}: {e} (is SCHEMA_REGISTRY_URL right and the registry up?)")))?;
+        match resp.status() {
+            s if s.is_success() => Ok(()),
+            s @ (reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN) => {
+                Err(CodecError::Unavailable(format!("GET {url}: {s} (check {REGISTRY_AUTH_ENV})")))
+            }
+            s => Err(CodecError::Unavailable(format!("GET {url}: {s}"))),
+        }
+    }
+
     /// Set the subject's compatibility level (e.g. `BACKWARD`) and register `avsc` under it.
     /// Idempotent: registering an identical schema returns the existing id.
     pub async fn register(&self, subject: &str, avsc: &str, compatibility: &str) -> Result<u32, CodecError> {

@@ -244,6 +244,7 @@ struct Shared<P> {
     stop: CancellationToken,
     /// Largest output the producer accepts (`message.max.bytes`).
     max_output_bytes: usize,
+    health: Arc<Health>,
 }
 
 /// The loop's state: consumer, in-flight records, offsets, key order, backpressure.
@@ -268,6 +269,9 @@ struct Runner<P: Processor> {
 pub async fn run<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: Arc<P>, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
     let health = cfg.health.clone();
     let name = processor.name();
+    if !wait_for_registry(name, &codec, &health, &shutdown).await {
+        return Ok(RunSummary::default());
+    }
     let result = match Runner::new(cfg, codec, processor) {
         Ok(mut r) => match r.spec.delivery {
             Delivery::AtLeastOnce => r.run_at_least_once(shutdown).await,
@@ -333,7 +337,7 @@ impl<P: Processor> Runner<P> {
         let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
         consumer.subscribe(&[spec.input.as_str()])?;
         let max_output_bytes = cfg.client.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-        let shared = Arc::new(Shared { name, spec: spec.clone(), codec, processor, producer, stop: CancellationToken::new(), max_output_bytes });
+        let shared = Arc::new(Shared { name, spec: spec.clone(), codec, processor, producer, stop: CancellationToken::new(), max_output_bytes, health: cfg.health.clone() });
         info!(processor = name, input = %spec.input, group = %spec.group, delivery = ?spec.delivery, "started");
         Ok(Runner {
             name,
@@ -720,6 +724,43 @@ fn fatal_consumer_error(e: &KafkaError, spec: &ProcessorSpec) -> Option<String> 
     }
 }
 
+/// Wait until the schema registry answers, readiness failing meanwhile with the reason (the
+/// process stays alive: restarting would not bring the registry back). False on shutdown.
+async fn wait_for_registry(name: &'static str, codec: &Codec, health: &Health, shutdown: &CancellationToken) -> bool {
+    let mut attempt = 0u32;
+    loop {
+        match codec.probe().await {
+            Ok(()) => {
+                health.set_degraded("schema registry", None);
+                if attempt > 0 {
+                    info!(processor = name, attempts = attempt + 1, "schema registry reachable");
+                }
+                return true;
+            }
+            Err(e) => {
+                health.set_degraded("schema registry", Some(e.to_string()));
+                if attempt % 10 == 0 {
+                    warn!(processor = name, error = %e, "schema registry unreachable at start; not ready, retrying with backoff");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(attempt)) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+        attempt += 1;
+    }
+}
+
+/// The dependency a retrying stage waits on (readiness names it).
+fn stage_dependency(stage: &str) -> &'static str {
+    match stage {
+        "decode" | "encode" => "schema registry",
+        "produce" | "dead_letter" => "kafka",
+        _ => "processing",
+    }
+}
+
 /// Handle one record end to end: decode, process, produce outputs, or dead-letter. Transient
 /// failures retry with backoff until the transient budget is spent.
 async fn handle<P: Processor>(s: &Shared<P>, msg: OwnedMessage) -> (Result<Done, ProcessError>, u64) {
@@ -728,12 +769,16 @@ async fn handle<P: Processor>(s: &Shared<P>, msg: OwnedMessage) -> (Result<Done,
     loop {
         let outcome = try_handle(s, &msg).await;
         match outcome {
-            Ok(done) => return (Ok(done), attempt as u64),
+            Ok(done) => {
+                s.health.clear_degraded();
+                return (Ok(done), attempt as u64);
+            }
             Err(Attempt::Poison { kind, message, schema_id }) => {
                 return (dead_letter(s, &msg, kind, &message, schema_id).await.map(|()| Done::DeadLettered), attempt as u64);
             }
             Err(Attempt::Retry { stage, message }) => {
                 metrics().retries.with_label_values(&[s.name, stage]).inc();
+                s.health.set_degraded(stage_dependency(stage), Some(message.clone()));
                 if first_failure.elapsed() > s.spec.transient_budget {
                     let e = ProcessError::Fatal(format!(
                         "{stage} kept failing for {} (processors.{}.transient_budget): {message}",

@@ -101,8 +101,9 @@ pub fn render() -> String {
 /// model and the HTTP server. Passed in, never process-global, so tests run several processors in
 /// one process.
 ///
-/// - Ready: the model (or other start-up work) is loaded, and partitions are assigned or the
-///   group is idle (nothing to assign).
+/// - Ready: the model (or other start-up work) is loaded, partitions are assigned or the group
+///   is idle (nothing to assign), and no dependency is degraded (the schema registry unreachable
+///   at start, or a stage retrying a transient failure right now).
 /// - Alive: no fatal error; no registered component reports itself dead (the model thread); the
 ///   run loop is not stalled (records in flight and none completed for `stall_timeout`); the
 ///   consumer has not reported only errors for `consumer_error_timeout`.
@@ -117,6 +118,9 @@ pub struct Health {
     error_timeout_ms: AtomicU64,
     #[allow(clippy::type_complexity)]
     checks: std::sync::Mutex<Vec<(&'static str, Box<dyn Fn() -> bool + Send + Sync>)>>,
+    /// Dependencies failing now, with the last error (readiness fails while any is listed).
+    degraded: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
+    any_degraded: AtomicBool,
 }
 
 impl std::fmt::Debug for Health {
@@ -141,6 +145,8 @@ impl Default for Health {
             stall_timeout_ms: AtomicU64::new(300_000),
             error_timeout_ms: AtomicU64::new(120_000),
             checks: std::sync::Mutex::new(Vec::new()),
+            degraded: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            any_degraded: AtomicBool::new(false),
         }
     }
 }
@@ -171,6 +177,27 @@ impl Health {
     pub fn set_fatal(&self, why: impl Into<String>) {
         self.fatal.lock().unwrap().get_or_insert(why.into());
     }
+    /// A dependency is failing (`Some(error)`) or works again (`None`); readiness fails while
+    /// any is failing, so a load balancer or rollout waits, while liveness stays up (a restart
+    /// would not bring the dependency back).
+    pub fn set_degraded(&self, dependency: &'static str, error: Option<String>) {
+        let mut d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => {
+                d.insert(dependency, e);
+            }
+            None => {
+                d.remove(dependency);
+            }
+        }
+        self.any_degraded.store(!d.is_empty(), Ordering::SeqCst);
+    }
+    /// Every dependency works again (a record went through end to end). Cheap when none failed.
+    pub fn clear_degraded(&self) {
+        if self.any_degraded.swap(false, Ordering::SeqCst) {
+            self.degraded.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
     /// Records in flight now.
     pub fn set_in_flight(&self, n: usize) {
         if n == 0 {
@@ -198,12 +225,18 @@ impl Health {
         }
     }
     /// `Ok` when ready to take traffic, else why not.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    pub fn ready(&self) -> Result<(), String> {
         if !self.loaded.load(Ordering::SeqCst) {
-            return Err("starting: model or database not loaded yet");
+            return Err("starting: model or database not loaded yet".into());
+        }
+        if self.any_degraded.load(Ordering::SeqCst) {
+            let d = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((dep, e)) = d.iter().next() {
+                return Err(format!("{dep} unavailable: {e}"));
+            }
         }
         if !self.consuming.load(Ordering::SeqCst) {
-            return Err("not consuming (starting or draining)");
+            return Err("not consuming (starting or draining)".into());
         }
         Ok(())
     }
@@ -255,7 +288,7 @@ pub fn health_routes(health: Arc<Health>) -> axum::Router {
                 let h = health.clone();
                 async move {
                     match h.ready() {
-                        Ok(()) => (StatusCode::OK, "ready"),
+                        Ok(()) => (StatusCode::OK, "ready".to_string()),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }
