@@ -264,7 +264,7 @@ class Embedder:
 
         torch = self.torch
         order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
-        out = np.zeros((len(seqs), 384), dtype=np.float32)
+        out = None  # [n, dims], dims from the model's first output (384 for MiniLM)
         t0 = time.time()
         with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
@@ -275,7 +275,10 @@ class Embedder:
                 for r, k in enumerate(idx):
                     ids[r, :len(seqs[k])] = torch.tensor(seqs[k])
                     mask[r, :len(seqs[k])] = 1
-                out[idx] = self.model(ids, mask).numpy()
+                e = self.model(ids, mask).numpy()
+                if out is None:
+                    out = np.zeros((len(seqs), e.shape[1]), dtype=np.float32)
+                out[idx] = e
                 if progress and (s // self.batch_size) % 20 == 0:
                     print(f"  {progress}: {s + len(idx)}/{len(seqs)} ({time.time() - t0:.0f}s)",
                           file=sys.stderr, flush=True)
@@ -283,7 +286,8 @@ class Embedder:
 
     def embed_texts(self, texts: list[str], max_len: int) -> "np.ndarray":
         """Embed texts truncated at max_len tokens (keeping [SEP] last)."""
-        seqs = [s if len(s) <= max_len else s[:max_len - 1] + [self.sep] for s in self.ids(texts)]
+        # keep the tokenizer's own closing special token ([SEP] for BERT, </s> for MPNet)
+        seqs = [s if len(s) <= max_len else s[:max_len - 1] + [s[-1]] for s in self.ids(texts)]
         return self.embed_ids(seqs)
 
 
@@ -364,7 +368,7 @@ def cached_views(records, emb, views, args):
             texts = [joined(r) for r in records]
         else:
             sys.exit(f"error: unknown view {view!r}")
-        seqs = [s if len(s) <= args.max_len else s[:args.max_len - 1] + [emb.sep]
+        seqs = [s if len(s) <= args.max_len else s[:args.max_len - 1] + [s[-1]]
                 for s in emb.ids(texts)]
         out[view] = emb.embed_ids(seqs, progress=view)
         np.save(f, out[view])
@@ -373,7 +377,7 @@ def cached_views(records, emb, views, args):
 
 
 def label_matrix(emb: Embedder, prompts: dict[str, list[str]]):
-    """[n_labels, 384] normalised mean prompt embedding per label (LABELS order)."""
+    """[n_labels, dims] normalised mean prompt embedding per label (LABELS order)."""
     import numpy as np  # noqa: PLC0415
 
     rows = []
