@@ -441,6 +441,12 @@ impl TaggingSpec {
         if !(self.model.device == "cpu" || self.model.device.starts_with("cuda")) {
             return err("model.device", format!("'{}' is not cpu or cuda:N", self.model.device));
         }
+        if self.model.precision == Precision::Int8 && self.model.device != "cpu" {
+            return err(
+                "model.precision",
+                format!("int8 (dynamic quantisation) runs on the CPU only, and tagging.model.device is '{}': set precision: fp32 for a GPU", self.model.device),
+            );
+        }
         Ok(())
     }
 }
