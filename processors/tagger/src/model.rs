@@ -190,6 +190,15 @@ impl TextEncoder {
     }
 }
 
+/// CUDA devices libtorch sees (0 when the build does not link libtorch_cuda or there is no GPU).
+pub fn cuda_devices() -> i64 {
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count()
+    } else {
+        0
+    }
+}
+
 /// Parse `cpu` / `cuda` / `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device, LoadError> {
     match s {
