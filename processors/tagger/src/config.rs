@@ -205,10 +205,10 @@ fn default_batch() -> usize {
     32
 }
 fn default_tokens() -> usize {
-    8192
+    2048
 }
 fn default_wait() -> Duration {
-    Duration::from_millis(10)
+    Duration::ZERO
 }
 fn default_queue() -> usize {
     1024
