@@ -38,25 +38,15 @@ fn root() -> &'static Path {
 /// The project topology with unique names, `edit` applied to its `tagging` section.
 fn topology(id: &str, edit: impl FnOnce(&mut serde_yaml::Mapping)) -> Topology {
     let mut topo = Topology::load(root().join("topology.yaml")).unwrap();
-    let rename: HashMap<String, String> = topo.file.topics.iter().map(|t| (t.name.clone(), format!("{}-{id}", t.name))).collect();
+    topo.isolate(id).unwrap();
     for t in &mut topo.file.topics {
-        t.name = rename[&t.name].clone();
         t.partitions = 2;
-    }
-    for s in &mut topo.file.schemas {
-        let topic = s.subject.trim_end_matches("-value");
-        s.subject = format!("{}-value", rename[topic]);
     }
     let p = &mut topo.file.processors;
     for spec in [&mut p.tagger, &mut p.sink] {
-        spec.input = rename[&spec.input].clone();
-        spec.output = spec.output.as_ref().map(|o| rename[o].clone());
-        spec.dlq = rename[&spec.dlq].clone();
-        spec.group = format!("{}-{id}", spec.group);
         spec.drain_timeout = Duration::from_secs(10);
     }
     if let serde_yaml::Value::Mapping(m) = &mut topo.file.scylla {
-        m.insert("keyspace".into(), format!("api_{id}").into());
         m.insert("consistency".into(), "ONE".into());
     }
     if let serde_yaml::Value::Mapping(m) = &mut topo.file.tagging {

@@ -113,7 +113,20 @@ async fn tagger(c: &Common, a: TaggerArgs, shutdown: CancellationToken) -> anyho
         t = Tagger::load(cfg) => Arc::new(t?),
         _ = shutdown.cancelled() => return Ok(()),
     };
-    tracing::info!(model = %tagger.model_ref().name, strategy = ?tagger.strategy(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    let tc = tagger.config();
+    tracing::info!(
+        model = %tagger.model_ref().name,
+        strategy = ?tagger.strategy(),
+        device = %tc.model.device,
+        precision = ?tc.model.precision,
+        cuda_linked = cfg!(feature = "cuda"),
+        cuda_devices = streamoasis_tagger::model::cuda_devices(),
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    if !cfg!(feature = "cuda") {
+        tracing::info!("this build runs on the CPU only (built without the cuda feature: libtorch_cuda is not linked)");
+    }
     let alive = tagger.clone();
     health.add_check("model thread", move || alive.is_alive());
     health.set_loaded(true);

@@ -38,25 +38,15 @@ fn root() -> &'static Path {
 async fn env(partitions: i32) -> Env {
     let mut topo = Topology::load(root().join("topology.yaml")).unwrap();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let rename: HashMap<String, String> = topo.file.topics.iter().map(|t| (t.name.clone(), format!("{}-{id}", t.name))).collect();
+    topo.isolate(&id).unwrap();
     for t in &mut topo.file.topics {
-        t.name = rename[&t.name].clone();
         t.partitions = partitions;
-    }
-    for s in &mut topo.file.schemas {
-        let topic = s.subject.trim_end_matches("-value");
-        s.subject = format!("{}-value", rename[topic]);
     }
     let p = &mut topo.file.processors;
     for spec in [&mut p.tagger, &mut p.sink] {
-        spec.input = rename[&spec.input].clone();
-        spec.output = spec.output.as_ref().map(|o| rename[o].clone());
-        spec.dlq = rename[&spec.dlq].clone();
-        spec.group = format!("{}-{id}", spec.group);
         spec.drain_timeout = Duration::from_secs(20);
     }
     if let serde_yaml::Value::Mapping(m) = &mut topo.file.scylla {
-        m.insert("keyspace".into(), format!("e2e_{id}").into());
         m.insert("consistency".into(), "ONE".into());
     }
     let model = root().join("models/all-MiniLM-L6-v2");

@@ -349,11 +349,63 @@ impl Topology {
     pub fn topic(&self, name: &str) -> Option<&TopicSpec> {
         self.file.topics.iter().find(|t| t.name == name)
     }
+
+    /// Make this a copy of the pipeline that shares nothing with the original on the same
+    /// cluster (tests, benchmarks, a canary): every topic gets `-<id>` (and so do the subjects,
+    /// inputs, outputs and DLQs naming it), every consumer group `-<id>`, the keyspace `_<id>`.
+    /// `id` may hold ASCII letters, digits and `_` (valid in all three).
+    pub fn isolate(&mut self, id: &str) -> Result<(), ConfigError> {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ConfigError::new("isolate", format!("'{id}': use ASCII letters, digits and '_' only")));
+        }
+        let renamed = |name: &str| format!("{name}-{id}");
+        let f = &mut self.file;
+        for t in &mut f.topics {
+            t.name = renamed(&t.name);
+        }
+        for s in &mut f.schemas {
+            if let Some(topic) = s.subject.strip_suffix("-value") {
+                s.subject = format!("{}-value", renamed(topic));
+            }
+        }
+        for spec in [&mut f.processors.tagger, &mut f.processors.sink] {
+            spec.input = renamed(&spec.input);
+            spec.output = spec.output.as_deref().map(renamed);
+            spec.dlq = renamed(&spec.dlq);
+            spec.group = renamed(&spec.group);
+        }
+        if f.scylla.is_null() {
+            f.scylla = serde_yaml::Value::Mapping(Default::default());
+        }
+        if let serde_yaml::Value::Mapping(m) = &mut f.scylla {
+            let ks = m.get("keyspace").and_then(serde_yaml::Value::as_str).unwrap_or("streamoasis").to_string();
+            m.insert("keyspace".into(), format!("{ks}_{id}").into());
+        }
+        let origin = self.path.display().to_string();
+        self.file.validate(&origin)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn isolate_renames_every_shared_name() {
+        let mut t = Topology::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../../topology.yaml")).unwrap();
+        let before = t.file.clone();
+        t.isolate("t1").unwrap();
+        let f = &t.file;
+        assert!(f.topics.iter().zip(&before.topics).all(|(a, b)| a.name == format!("{}-t1", b.name)));
+        assert!(f.schemas.iter().all(|s| s.subject.ends_with("-t1-value") && t.topic(s.subject.trim_end_matches("-value")).is_some()));
+        for (a, b) in [(&f.processors.tagger, &before.processors.tagger), (&f.processors.sink, &before.processors.sink)] {
+            assert_eq!((a.input.clone(), a.dlq.clone(), a.group.clone()), (format!("{}-t1", b.input), format!("{}-t1", b.dlq), format!("{}-t1", b.group)));
+            assert!(t.topic(&a.input).is_some() && t.topic(&a.dlq).is_some());
+        }
+        assert_eq!(f.processors.tagger.output.as_deref(), Some(f.processors.sink.input.as_str()));
+        assert!(f.scylla["keyspace"].as_str().unwrap().ends_with("_t1"));
+        assert!(t.isolate("bad-id").unwrap_err().to_string().contains("bad-id"));
+    }
 
     const BASE: &str = r#"
 topics:

@@ -205,10 +205,10 @@ fn default_batch() -> usize {
     32
 }
 fn default_tokens() -> usize {
-    8192
+    2048
 }
 fn default_wait() -> Duration {
-    Duration::from_millis(10)
+    Duration::ZERO
 }
 fn default_queue() -> usize {
     1024
@@ -440,6 +440,12 @@ impl TaggingSpec {
         }
         if !(self.model.device == "cpu" || self.model.device.starts_with("cuda")) {
             return err("model.device", format!("'{}' is not cpu or cuda:N", self.model.device));
+        }
+        if self.model.precision == Precision::Int8 && self.model.device != "cpu" {
+            return err(
+                "model.precision",
+                format!("int8 (dynamic quantisation) runs on the CPU only, and tagging.model.device is '{}': set precision: fp32 for a GPU", self.model.device),
+            );
         }
         Ok(())
     }

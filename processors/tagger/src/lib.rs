@@ -14,10 +14,13 @@
 //! ## Batching knobs and their trade-offs
 //! - `max_batch_size` (32): more sequences per pass amortise per-call overhead; on 2 CPU cores
 //!   throughput peaks at 16–32 and falls beyond (caches), while latency grows linearly.
-//! - `max_batch_tokens` (8192): bounds padded cost (longest × count) — memory and the duration
-//!   of one pass — so a batch of long windows does not stall short items for long.
-//! - `max_wait` (10 ms): the most an item waits for company. Under load batches fill long
-//!   before; under light load this is pure added latency.
+//! - `max_batch_tokens` (2048): bounds padded cost (longest × count) — memory and the duration
+//!   of one pass — so a batch of long windows does not stall short items for long. 2048 was the
+//!   fastest per item at 64–256 tokens on 2 cores (caches; BENCHMARKS.md).
+//! - `max_wait` (0): the most an item waits for company once the model is free. A batch is only
+//!   formed when the model thread can take it, so items arriving during a forward pass queue up
+//!   and go together into the next one: batches grow with load by themselves. 0 gives single-item
+//!   latency at light load (10 ms of waiting measured +13 ms p50 at 10% load and no gain).
 //! - `queue_capacity` (1024): sequences waiting for the model; beyond it callers wait, which
 //!   pauses Kafka partitions upstream.
 

@@ -94,7 +94,15 @@ impl TextEncoder {
         let id = |t: &str| {
             tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| LoadError::Missing { path: path.clone(), message: format!("no {t} token") })
         };
-        Ok(TextEncoder { cls: id("[CLS]")?, sep: id("[SEP]")?, tokenizer, max_tokens })
+        // The opening and closing specials are what the tokenizer's own post-processor puts
+        // around a text ([CLS]/[SEP] for BERT, <s>/</s> for MPNet and RoBERTa-style models);
+        // a tokenizer without a post-processor falls back to BERT's names.
+        let framed: Vec<u32> = tokenizer.encode("", true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+        let (cls, sep) = match framed.as_slice() {
+            [first, .., last] => (i64::from(*first), i64::from(*last)),
+            _ => (id("[CLS]")?, id("[SEP]")?),
+        };
+        Ok(TextEncoder { cls, sep, tokenizer, max_tokens })
     }
 
     /// Content token ids (no specials) of at most `max_chars` characters of `text`.
@@ -179,6 +187,15 @@ impl TextEncoder {
         let mut types = vec![0i64; first];
         types.resize(ids.len(), 1);
         Seq { ids, type_ids: Some(types) }
+    }
+}
+
+/// CUDA devices libtorch sees (0 when the build does not link libtorch_cuda or there is no GPU).
+pub fn cuda_devices() -> i64 {
+    if tch::Cuda::is_available() {
+        tch::Cuda::device_count()
+    } else {
+        0
     }
 }
 

@@ -161,6 +161,10 @@ fn config_errors_name_the_key() {
     assert!(e.contains("tagging.embedding.kinds.MOVIE.templates"), "{e}");
     let e = parse("labels: [{name: a}]", "bf16").unwrap_err();
     assert!(e.contains("bf16") && e.contains("int8"), "{e}");
+    let mut gpu = parse(NEWS, "int8").unwrap();
+    gpu.model.device = "cuda:0".into();
+    let e = gpu.validate("test").unwrap_err().to_string();
+    assert!(e.contains("tagging.model.precision") && e.contains("fp32"), "{e}");
     let e = parse("text: {adaptive_margin: 2}\nlabels: [{name: a}]", "fp32").unwrap_err();
     assert!(e.contains("tagging.text.adaptive_margin"), "{e}");
 }
