@@ -44,10 +44,11 @@ def plot(name: str) -> list[str]:
     return [f"![{name}](benches/results/plots/{name}.png)", ""] if png.is_file() else []
 
 
-def sweep_section(e) -> list[str]:
+def sweep_section(e, title="## End to end: offered-load sweep (title + description items, whole stack on this machine)", png="e2e-sweep") -> list[str]:
     m = e.get("machine", {})
     steps = e["steps"]
-    out = ["## End to end: offered-load sweep (title + description items, whole stack on this machine)", "",
+    out = [title, "",
+           f"Tagger configuration: {e['tagging']}." if e.get("tagging") else "",
            f"`./benches/run sweep` — Kafka, Cassandra, the registry, the tagger and the sink all on this "
            f"{m.get('cpus', '?')}-core machine; load average {m.get('load_at_start', 0):.2f} at the start, "
            f"{e.get('load_at_end', 0):.2f} at the end. Capacity = a burst of items drained as fast as the tagger "
@@ -74,7 +75,7 @@ def sweep_section(e) -> list[str]:
                    f"{ms(w.get('tagger_read_to_produced'))} | {ms(w.get('kafka_hop_2'))} | {ms(w.get('db_write'))} | "
                    f"{ms(w.get('ingest_to_row'))} | {fmt(cpu.get('tagger'), 2)} / {fmt(cpu.get('sink'), 2)} |")
     out.append("")
-    return out + plot("e2e-sweep")
+    return out + plot(png)
 
 
 def main() -> None:
@@ -208,6 +209,10 @@ def main() -> None:
     e = load("e2e-sweep.json")
     if e:
         out += sweep_section(e)
+    e = load("e2e-sweep-fp32.json")
+    if e:
+        e.setdefault("tagging", "precision fp32, max_batch_tokens 8192, max_wait 10ms (the defaults before this sweep)")
+        out += sweep_section(e, "### The same sweep with the previous batching defaults and fp32", "e2e-sweep-fp32")
 
 
     notes = REPO / "benches" / "NOTES.md"

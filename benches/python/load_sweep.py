@@ -236,7 +236,7 @@ def main():
     run_dir = ROOT / ".cache/sweep" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     db = faults.Db()
-    results = {"machine": machine(), "seconds_per_step": args.seconds, "steps": []}
+    results = {"machine": machine(), "seconds_per_step": args.seconds, "steps": [], "tagging": tagging_summary()}
     loads = [float(x) for x in args.loads.split(",") if x]
     cap = sweep(args, run_dir, db, "sweep", loads, args.capacity, None, results)
     if args.exactly_once:
@@ -288,6 +288,14 @@ def sweep(args, run_dir, db, name, loads, cap, max_batch, results, delivery=None
     finally:
         s.close()
     return cap
+
+
+def tagging_summary():
+    import yaml
+    t = yaml.safe_load((ROOT / "topology.yaml").read_text())["tagging"]
+    b, m = t.get("batching", {}), t.get("model", {})
+    return (f"precision {m.get('precision', 'fp32')}, max_batch_size {b.get('max_batch_size')}, "
+            f"max_batch_tokens {b.get('max_batch_tokens')}, max_wait {b.get('max_wait')}")
 
 
 def machine():

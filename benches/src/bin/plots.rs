@@ -42,8 +42,8 @@ fn main() -> Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
-    let plots: [(&str, fn(&Value, &Path) -> Result<()>); 4] =
-        [("precision", precision), ("throughput", throughput), ("windows", windows), ("e2e-sweep", sweep)];
+    let plots: [(&str, fn(&Value, &Path) -> Result<()>); 5] =
+        [("precision", precision), ("throughput", throughput), ("windows", windows), ("e2e-sweep", sweep), ("e2e-sweep-fp32", sweep)];
     for (name, plot) in plots {
         let file = args.results.join(format!("{name}.json"));
         let Ok(text) = std::fs::read_to_string(&file) else {
