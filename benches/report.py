@@ -206,6 +206,20 @@ def main() -> None:
         out.append("")
         out += plot("throughput")
 
+    n = load("nli-peer.json")
+    if n:
+        out += ["## Against the original design's approach (full BBC articles, same run)", "",
+                f"`./benches/run nli-peer` — the peer: {n['peer']}; {n['articles_peer']} articles, {len(n['labels'])} labels "
+                "(one NLI pass per label). Its weights are random (no model hub here), so only its speed means "
+                f"anything. streamoasis: `streamoasis tag --lines` on {n['articles_streamoasis']} articles with the "
+                f"configuration of `topology.yaml` at the time ({n.get('config', 'see the commit')}), its start-up "
+                f"({n['streamoasis_startup_s']:.1f} s) subtracted, run before and after the peer. {n['threads']} threads each; "
+                f"load average at the end {n['load_avg_at_end']:.2f}.", "",
+                "| | items/s |", "|---|---:|",
+                f"| NLI pipeline, bart-large-mnli architecture | {n['peer_items_per_s']:.3f} |",
+                f"| streamoasis | {n['streamoasis_items_per_s']:.1f} |",
+                f"| **ratio** | **{n['ratio']:.0f}x** |", ""]
+
     e = load("e2e-sweep.json")
     if e:
         out += sweep_section(e)

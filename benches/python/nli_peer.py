@@ -58,6 +58,14 @@ def rust_items_per_s(binary, texts, env):
     return len(texts) / max(full - one, 1e-6), full, one
 
 
+def config_summary():
+    import yaml
+    t = yaml.safe_load((ROOT / "topology.yaml").read_text())["tagging"]
+    x = t.get("text", {})
+    return (f"precision {t.get('model', {}).get('precision', 'fp32')}, {x.get('max_windows')} windows of {x.get('max_tokens')} "
+            f"tokens, placement {x.get('placement')}, adaptive_margin {x.get('adaptive_margin')}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -101,6 +109,7 @@ def main():
                 f"bart-large-mnli architecture ({params / 1e6:.0f}M parameters), truncation at 1024 tokens",
         "peer_items_per_s": peer, "streamoasis_items_per_s": rust, "streamoasis_runs_items_per_s": [rust_before, rust_after],
         "streamoasis_startup_s": min(one_b, one_a), "ratio": rust / peer, "load_avg_at_end": os.getloadavg()[0],
+        "config": config_summary(),
     }
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
