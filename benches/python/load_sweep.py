@@ -227,6 +227,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds per load step")
     ap.add_argument("--burst", type=int, default=3000, help="items in the capacity burst")
     ap.add_argument("--capacity", type=float, default=0.0, help="skip the burst and use this capacity (items/s)")
+    ap.add_argument("--delivery-rounds", type=int, default=0, help="only capacity bursts: at-least-once vs exactly-once, alternating, this many rounds (writes e2e-delivery.json)")
     ap.add_argument("--exactly-once", action="store_true", help="also measure the capacity burst with the tagger in exactly-once mode")
     ap.add_argument("--batch1", action="store_true", help="also run the lowest load with max_batch_size 1 (does batching cost latency at low load?)")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
@@ -238,6 +239,16 @@ def main():
     db = faults.Db()
     results = {"machine": machine(), "seconds_per_step": args.seconds, "steps": [], "tagging": tagging_summary()}
     loads = [float(x) for x in args.loads.split(",") if x]
+    if args.delivery_rounds:
+        # Capacity bursts only, at-least-once and exactly-once alternating (A B A B ...), so
+        # warm-up and drift fall on both sides alike.
+        for r in range(args.delivery_rounds):
+            for delivery in ("at_least_once", "exactly_once"):
+                faults.log(f"round {r + 1}: {delivery} capacity burst")
+                sweep(args, run_dir, db, f"sweep-{delivery.replace('_', '')}-{r}", [], 0, None, results, delivery=delivery)
+        (Path(args.out) / "e2e-delivery.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        return
     cap = sweep(args, run_dir, db, "sweep", loads, args.capacity, None, results)
     if args.exactly_once:
         # Capacity of the tagger in exactly-once mode, right after the at-least-once burst above.
