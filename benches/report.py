@@ -65,7 +65,9 @@ def sweep_section(e, title="## End to end: offered-load sweep (title + descripti
                    f"{fmt(100 * r['mean_padding_ratio'], 0, pct=True) if r.get('mean_padding_ratio') is not None else '–'} |")
     out += ["", "Where the time goes (means per item over each step, from the processes' own histograms; "
             "*Kafka hop 1* = ingest → the tagger has read the item, including time waiting in the input topic "
-            "when the tagger is behind; *hop 2* = the tagged event → the sink has read it):", "",
+            "when the tagger is behind; *hop 2* = the tagged event → the sink has read it, computed as ingest → row minus ingest → tagger done minus the sink's "
+            "own time; it comes out a few ms below zero because the tagger stamps its end after the produce acknowledgement, "
+            "by which time the sink has often read the event already: read it as ≈ 0):", "",
             "| load | Kafka hop 1 | batch wait | model (per batch) | tagger read → produced | Kafka hop 2 | DB write | ingest → row | CPU cores: tagger / sink |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in steps:

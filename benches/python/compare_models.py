@@ -40,6 +40,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from film_accuracy import lrap, p_at_1  # noqa: E402  (the film explorer's ranking metrics)
+
 BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
 PROBES = [
@@ -161,22 +163,6 @@ class Model:
             e = self.embed(prompts[lab]).mean(0)
             rows.append(e / np.linalg.norm(e))
         return np.stack(rows)
-
-
-def lrap(scores, y):
-    out = []
-    for s, t in zip(scores, y):
-        rel = np.flatnonzero(t)
-        if len(rel) == 0:
-            continue
-        rank = (-s).argsort().argsort() + 1
-        r = rank[rel]
-        out.append(np.mean([(r <= x).sum() / x for x in r]))
-    return float(np.mean(out))
-
-
-def p_at_1(scores, y):
-    return float(np.mean(y[np.arange(len(y)), scores.argmax(1)]))
 
 
 def main() -> None:

@@ -8,6 +8,26 @@
 
 use std::time::Instant;
 
+use streamoasis_tagger::batcher::{Batch, Seq};
+
+/// A padded batch of `batch` synthetic sequences of `seq_len` tokens ([CLS], pseudo-random
+/// word-piece ids from `seed`, [SEP]): the same input on every side of a timing comparison.
+pub fn synthetic(seq_len: usize, batch: usize, seed: u64) -> Batch {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let seqs: Vec<Seq> = (0..batch)
+        .map(|_| {
+            let mut ids = vec![101i64];
+            for _ in 0..seq_len.saturating_sub(2) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ids.push(1996 + ((x >> 33) % 28000) as i64);
+            }
+            ids.push(102);
+            Seq::new(ids)
+        })
+        .collect();
+    Batch::pad(&seqs.iter().collect::<Vec<_>>())
+}
+
 /// Analytic FLOPs of one BERT encoder pass over `seq_len` tokens: per layer
 /// `2L(4h² + 2hi)` for the linears plus `4L²h` for the attention matmuls (embeddings,
 /// norms, softmax, GELU and pooling ignored). Same formula as the Python peer.

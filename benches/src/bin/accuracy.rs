@@ -92,7 +92,6 @@ async fn evaluate_films(tagger: Arc<Tagger>, films: &[Film], genres: &[String]) 
 
 #[derive(Deserialize)]
 struct Article {
-    id: String,
     label: String,
     title: String,
     description: Option<String>,
@@ -153,7 +152,6 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let step = a.limit.map_or(1, |n| (articles.len() / n.max(1)).max(1));
     let articles: Vec<Article> = articles.into_iter().step_by(step).take(a.limit.unwrap_or(usize::MAX)).collect();
-    let _ = articles.iter().map(|x| &x.id).count();
     let mut variants = vec![("default (topology.yaml)".to_string(), serde_yaml::Value::Null)];
     for v in &a.variant {
         let (name, yaml) = v.split_once('=').ok_or_else(|| anyhow::anyhow!("--variant name=<yaml>"))?;

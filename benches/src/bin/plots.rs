@@ -42,7 +42,8 @@ fn main() -> Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
-    let plots: [(&str, fn(&Value, &Path) -> Result<()>); 5] =
+    type Plot = fn(&Value, &Path) -> Result<()>;
+    let plots: [(&str, Plot); 5] =
         [("precision", precision), ("throughput", throughput), ("windows", windows), ("e2e-sweep", sweep), ("e2e-sweep-fp32", sweep)];
     for (name, plot) in plots {
         let file = args.results.join(format!("{name}.json"));
@@ -64,6 +65,21 @@ fn f(v: &Value, k: &str) -> Option<f64> {
 
 type Series = (String, Vec<(f64, f64)>);
 
+/// Each series as a line with dots, and the legend in the upper left.
+fn draw_lines<'a, X, Y>(chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>, series: &[Series]) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    Ok(())
+}
+
 /// Lines on a log2 x axis (batch size) against a linear y axis.
 fn lines_log_x(png: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
     let xs = series.iter().flat_map(|s| s.1.iter().map(|p| p.0));
@@ -78,12 +94,7 @@ fn lines_log_x(png: &Path, title: &str, x_label: &str, y_label: &str, series: &[
         .y_label_area_size(64)
         .build_cartesian_2d((0.8f64..x_max).log_scale().base(2.0), 0.0..y_max.max(1e-9))?;
     chart.configure_mesh().x_desc(x_label).y_desc(y_label).x_label_formatter(&|x| format!("{x:.0}")).label_style(("sans-serif", 15)).draw()?;
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
-    }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    draw_lines(&mut chart, series)?;
     root.present()?;
     Ok(())
 }
@@ -168,12 +179,7 @@ fn sweep(v: &Value, png: &Path) -> Result<()> {
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_max.max(1.0), (5.0f64..y_max).log_scale())?;
     chart.configure_mesh().x_desc("achieved items/s").y_desc("latency, ms (log)").label_style(("sans-serif", 15)).draw()?;
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
-    }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    draw_lines(&mut chart, &series)?;
     root.present()?;
     Ok(())
 }

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use serde_json::json;
-use streamoasis_benches::{bert_flop_per_item, matmul_peak_gflops};
-use streamoasis_tagger::batcher::{Backend, Batch, Seq};
+use streamoasis_benches::{bert_flop_per_item, matmul_peak_gflops, synthetic};
+use streamoasis_tagger::batcher::{Backend, Batch};
 use streamoasis_tagger::config::Precision;
 use streamoasis_tagger::model::{read_manifest, set_threads, TorchBackend};
 
@@ -34,22 +34,6 @@ struct Args {
     /// A seconds-long check of every path; writes nothing.
     #[arg(long)]
     smoke: bool,
-}
-
-fn synthetic(seq_len: usize, batch: usize) -> Batch {
-    let mut x = 7u64;
-    let seqs: Vec<Seq> = (0..batch)
-        .map(|_| {
-            let mut ids = vec![101i64];
-            for _ in 0..seq_len - 2 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ids.push(1996 + ((x >> 33) % 28000) as i64);
-            }
-            ids.push(102);
-            Seq::new(ids)
-        })
-        .collect();
-    Batch::pad(&seqs.iter().collect::<Vec<_>>())
 }
 
 fn items_per_s(b: &mut TorchBackend, input: &Batch, seconds: f64) -> f64 {
@@ -79,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let mut fp32 = TorchBackend::load_file(&a.model, &manifest.module_file(&a.model, Precision::Fp32)?, tch::Device::Cpu, false, a.threads)?;
     let mut int8 = TorchBackend::load_file(&a.model, &manifest.module_file(&a.model, Precision::Int8)?, tch::Device::Cpu, false, a.threads)?;
     // Same inputs give nearly the same embeddings.
-    let probe = synthetic(32, 4);
+    let probe = synthetic(32, 4, 7);
     let (x, y) = (fp32.forward(&probe).map_err(anyhow::Error::msg)?, int8.forward(&probe).map_err(anyhow::Error::msg)?);
     let cos: f64 = x.iter().zip(&y).map(|(p, q)| p.iter().zip(q).map(|(u, v)| (u * v) as f64).sum::<f64>()).sum::<f64>() / x.len() as f64;
     anyhow::ensure!(cos > 0.95, "int8 embeddings drifted from fp32: mean cosine {cos:.4}");
@@ -91,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     );
     for &len in &a.seq_lens {
         for &bs in &a.batch_sizes {
-            let input = synthetic(len, bs);
+            let input = synthetic(len, bs, 7);
             let (mut f, mut q) = (Vec::new(), Vec::new());
             for _ in 0..a.rounds {
                 f.push(items_per_s(&mut fp32, &input, a.seconds));

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::json;
-use streamoasis_benches::{bert_flop_per_item, matmul_peak_gflops};
-use streamoasis_tagger::batcher::{Backend, Batch, Batcher, BatcherConfig, Seq};
+use streamoasis_benches::{bert_flop_per_item, matmul_peak_gflops, synthetic};
+use streamoasis_tagger::batcher::{Backend, Batcher, BatcherConfig, Seq};
 use streamoasis_tagger::model::{set_threads, TorchBackend};
 
 #[derive(Parser)]
@@ -39,22 +39,6 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-}
-
-fn synthetic(seq_len: usize, batch: usize, seed: u64) -> Batch {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let seqs: Vec<Seq> = (0..batch)
-        .map(|_| {
-            let mut ids = vec![101i64];
-            for _ in 0..seq_len - 2 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ids.push(1996 + ((x >> 33) % 28000) as i64);
-            }
-            ids.push(102);
-            Seq::new(ids)
-        })
-        .collect();
-    Batch::pad(&seqs.iter().collect::<Vec<_>>())
 }
 
 fn time_backend(b: &mut TorchBackend, seq_len: usize, batch: usize, seconds: f64) -> f64 {

@@ -155,7 +155,7 @@ fn item(i: usize) -> MediaIngested {
         media_id: format!("item-{i:05}"),
         kind: MediaKind::Clip,
         title: format!("{text} (part {i})"),
-        description: (i % 3 == 0).then(|| format!("Episode {i} of the series.")),
+        description: i.is_multiple_of(3).then(|| format!("Episode {i} of the series.")),
         transcript: None,
         language: Some("en".into()),
         source: "e2e-test".into(),

@@ -739,7 +739,7 @@ async fn wait_for_registry(name: &'static str, codec: &Codec, health: &Health, s
             }
             Err(e) => {
                 health.set_degraded("schema registry", Some(e.to_string()));
-                if attempt % 10 == 0 {
+                if attempt.is_multiple_of(10) {
                     warn!(processor = name, error = %e, "schema registry unreachable at start; not ready, retrying with backoff");
                 }
             }
@@ -787,7 +787,7 @@ async fn handle<P: Processor>(s: &Shared<P>, msg: OwnedMessage) -> (Result<Done,
                     ));
                     return (Err(e), attempt as u64);
                 }
-                if attempt % 10 == 0 {
+                if attempt.is_multiple_of(10) {
                     warn!(processor = s.name, stage, attempt, error = %message, "transient failure, retrying with backoff");
                 }
                 tokio::select! {

@@ -446,7 +446,7 @@ impl Tagger {
         match req.language.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
             Some(lang) => {
                 let primary = lang.split(['-', '_']).next().unwrap_or(lang).to_lowercase();
-                (!self.cfg.languages.iter().any(|l| l.eq_ignore_ascii_case(&primary))).then(|| primary)
+                (!self.cfg.languages.iter().any(|l| l.eq_ignore_ascii_case(&primary))).then_some(primary)
             }
             None => mostly_non_latin(text).then(|| "non-latin script".to_string()),
         }
