@@ -240,6 +240,9 @@ def main() -> None:
             ma, me = sum(alo) / len(alo), sum(eos) / len(eos)
             out += [f"| mean | {ma:.1f} | {me:.1f} ({me / ma:.2f}x) |", ""]
 
+    e = load("e2e-sweep-int8.json")
+    if e:
+        out += sweep_section(e, "### The same sweep with `precision: int8`", "e2e-sweep-int8")
     e = load("e2e-sweep-fp32.json")
     if e:
         e.setdefault("tagging", "precision fp32, max_batch_tokens 8192, max_wait 10ms (the defaults before this sweep)")

@@ -43,8 +43,14 @@ fn main() -> Result<()> {
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
     type Plot = fn(&Value, &Path) -> Result<()>;
-    let plots: [(&str, Plot); 5] =
-        [("precision", precision), ("throughput", throughput), ("windows", windows), ("e2e-sweep", sweep), ("e2e-sweep-fp32", sweep)];
+    let plots: [(&str, Plot); 6] = [
+        ("precision", precision),
+        ("throughput", throughput),
+        ("windows", windows),
+        ("e2e-sweep", sweep),
+        ("e2e-sweep-int8", sweep),
+        ("e2e-sweep-fp32", sweep),
+    ];
     for (name, plot) in plots {
         let file = args.results.join(format!("{name}.json"));
         let Ok(text) = std::fs::read_to_string(&file) else {
