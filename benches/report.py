@@ -173,7 +173,9 @@ def main() -> None:
                 "machine's drift.", "", "| configuration | accuracy | items/s |", "|---|---:|---:|"]
         for r in w["results"]:
             out.append(f"| {r['configuration']} | {fmt(r['full_text'], pct=True)} | {fmt(r['full_items_per_s'])} |")
-        out += ["", "BBC articles are short (a median of ~2 windows of 256 tokens), so spreading 4 windows over "
+        out += ["", "The row *default (topology.yaml)* is the topology of that run (fp32, 4 spread windows, no adaptive "
+                "compute); the default chosen from this curve is *fp32 spread 4, adaptive 0.5*.",
+                "", "BBC articles are short (a median of ~2 windows of 256 tokens), so spreading 4 windows over "
                 "the text changes little here; it matters for transcripts longer than ~900 tokens, which the head "
                 "placement never read past.", ""]
         out += plot("windows")
