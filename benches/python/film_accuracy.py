@@ -34,6 +34,15 @@ SETS = {
 }
 
 
+def label_matrix(emb, names, templates):
+    """One row per label: the mean of its prompts' embeddings, L2-normalised."""
+    rows = []
+    for n in names:
+        e = emb.embed_texts([t.replace("{label}", n) for t in templates], 256).mean(0)
+        rows.append(e / np.linalg.norm(e))
+    return np.stack(rows)
+
+
 def lrap(scores, y):
     out = []
     for s, t in zip(scores, y):
@@ -100,11 +109,7 @@ def main() -> None:
     names = [g.lower() for g in genres]
     rows = []
     for name, templates in SETS.items():
-        lab = []
-        for n in names:
-            e = emb.embed_texts([t.replace("{label}", n) for t in templates], 256).mean(0)
-            lab.append(e / np.linalg.norm(e))
-        cos = doc @ np.stack(lab).T
+        cos = doc @ label_matrix(emb, names, templates).T
         # Calibration on the calibration split: P(relevant | cosine - item's mean cosine).
         feat = cos - cos.mean(1, keepdims=True)
         a, b = fit_platt(feat[~test].ravel(), y[~test].ravel())
@@ -121,11 +126,7 @@ def main() -> None:
     # calibration split (a label prior and a sharpness), the global fit for unseen labels, and
     # the micro-F1-optimal threshold on the calibration split.
     templates = SETS[args.chosen]
-    lab = []
-    for n in names:
-        e = emb.embed_texts([t.replace("{label}", n) for t in templates], 256).mean(0)
-        lab.append(e / np.linalg.norm(e))
-    cos = doc @ np.stack(lab).T
+    cos = doc @ label_matrix(emb, names, templates).T
     feat = cos - cos.mean(1, keepdims=True)
     ga, gb = fit_platt(feat[~test].ravel(), y[~test].ravel())
     per = {n: fit_platt(feat[~test][:, j], y[~test][:, j]) for j, n in enumerate(names)}

@@ -258,6 +258,36 @@ class EmbeddingSpec:
     bert_only: bool = True         # load with BertModel (the default export) rather than AutoModel
 
 
+def pooled(bert, pooling: str = "mean"):
+    """The encoder wrapped as ``forward(input_ids, attention_mask) -> float32[B, dims]``:
+    ``mean`` = masked mean of the last hidden state (sentence-transformers recipe), ``cls`` = the
+    first token's state (BGE recipe); both L2-normalised."""
+    import torch  # noqa: PLC0415
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            summed = (hidden * m).sum(dim=1)
+            counts = m.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(summed / counts, p=2.0, dim=1)
+
+    class ClsPooled(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return torch.nn.functional.normalize(hidden[:, 0], p=2.0, dim=1)
+
+    return (ClsPooled if pooling == "cls" else MeanPooled)(bert)
+
+
 def weights_file(src: Path) -> Path:
     """The checkpoint's weights: model.safetensors, else pytorch_model.bin."""
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -335,31 +365,6 @@ def export_embedding(out_root: Path, force: bool, threads: int, spec: EmbeddingS
     say(f"{out}: exporting from {src} (pooling={spec.pooling}, max_seq_len={max_len})")
     out.mkdir(parents=True, exist_ok=True)
 
-    class MeanPooled(torch.nn.Module):
-        """BERT -> masked mean pooling -> L2 normalisation (sentence-transformers recipe)."""
-
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            summed = (hidden * m).sum(dim=1)
-            counts = m.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(summed / counts, p=2.0, dim=1)
-
-    class ClsPooled(torch.nn.Module):
-        """Encoder -> first token's ([CLS]) last hidden state -> L2 normalisation (BGE recipe)."""
-
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return torch.nn.functional.normalize(hidden[:, 0], p=2.0, dim=1)
-
     if spec.bert_only:
         bert = BertModel.from_pretrained(str(src), dtype=torch.float32, add_pooling_layer=False)
     else:
@@ -368,7 +373,7 @@ def export_embedding(out_root: Path, force: bool, threads: int, spec: EmbeddingS
         except TypeError:
             bert = AutoModel.from_pretrained(str(src), dtype=torch.float32)
     bert.eval()
-    model = (ClsPooled if spec.pooling == "cls" else MeanPooled)(bert).eval()
+    model = pooled(bert, spec.pooling).eval()
     dims = int(bert.config.hidden_size)
     tok = load_tokenizer(src, max_len)
     say(f"loaded {type(bert).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "

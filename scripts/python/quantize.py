@@ -103,17 +103,7 @@ def explore(args) -> None:
     src = ex.minilm_dir()
     bert = BertModel.from_pretrained(str(src), dtype=torch.float32, add_pooling_layer=False).eval()
 
-    class MeanPooled(torch.nn.Module):
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), p=2.0, dim=1)
-
-    fp32 = MeanPooled(bert).eval()
+    fp32 = ex.pooled(bert).eval()
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     tok.no_padding()
     tok.no_truncation()
