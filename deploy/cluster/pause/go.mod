@@ -1,0 +1,3 @@
+module streamoasis.local/pause
+
+go 1.22
