@@ -36,7 +36,6 @@ use tokio::net::TcpListener;
 
 pub mod auth;
 pub mod grpc;
-pub mod ops;
 pub mod rest;
 pub mod validate;
 

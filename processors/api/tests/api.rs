@@ -18,10 +18,11 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use streamoasis_api::auth::{mint_hs256, now_secs, Auth};
 use streamoasis_api::proto::tagger_client::TaggerClient;
-use streamoasis_api::{ops, Connections, Limits, Listeners};
+use streamoasis_api::{Connections, Limits, Listeners};
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{Lineage, MediaIngested, MediaKind, MediaTagged, ModelRef, Strategy, Tag};
-use streamoasis_pipeline::kafka::{client_config, producer};
+use streamoasis_pipeline::client::{client_config, producer};
+use streamoasis_pipeline::ops;
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_pipeline::{admin, env, CancellationToken};
 use streamoasis_sink::{schema, SinkConfig, TagWriter};
@@ -31,9 +32,7 @@ const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
 const ISSUER: &str = "streamoasis-tests";
 const AUDIENCE: &str = "streamoasis-api";
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+use streamoasis_testkit::root;
 
 /// The project topology with unique names, `edit` applied to its `tagging` section.
 fn topology(id: &str, edit: impl FnOnce(&mut serde_yaml::Mapping)) -> Topology {
@@ -192,6 +191,7 @@ fn sign(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: Value) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
+    streamoasis_testkit::require_stack!();
     let dir = std::env::temp_dir().join(format!("so-jwks-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let (a, b) = (rsa_key(&dir, "a"), rsa_key(&dir, "b"));
@@ -266,6 +266,7 @@ fn no_key_means_no_auth_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rest_tag_answers_and_rejects_bad_input_naming_the_field() {
+    streamoasis_testkit::require_stack!();
     let fx = fixture(|_| {}, None).await;
     let (s, v) = fx.post("/v1/tag", &json!({"title": "Striker scores twice as the league leaders win the derby", "kind": "clip"})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -316,6 +317,7 @@ async fn rest_tag_answers_and_rejects_bad_input_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_queue_answers_429_with_retry_after_and_resource_exhausted() {
+    streamoasis_testkit::require_stack!();
     let fx = fixture(
         |m| {
             set(m, &["batching", "queue_capacity"], 4.into());
@@ -370,6 +372,7 @@ fn grpc_req<T>(fx: &Fx, m: T) -> tonic::Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_tag_stream_and_reflection() {
+    streamoasis_testkit::require_stack!();
     use streamoasis_api::proto::TagRequest as R;
     let fx = fixture(|_| {}, None).await;
     let mut c = TaggerClient::connect(fx.grpc.clone()).await.unwrap();
@@ -448,6 +451,7 @@ fn tagged(id: &str, tags: &[(&str, f32)], offset: i64) -> MediaTagged {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_routes_paginate_best_first_and_serve_the_compatibility_route() {
+    streamoasis_testkit::require_stack!();
     let fx = fixture(|_| {}, None).await;
     let cfg = SinkConfig::from_topology(&fx.topo).unwrap();
     let session = Arc::new(streamoasis_sink::connect(fx.conn.scylla.as_ref().unwrap(), &cfg).await.unwrap());
@@ -533,6 +537,7 @@ async fn by_tag_ids(fx: &Fx, tag: &str) -> HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between_tags() {
+    streamoasis_testkit::require_stack!();
     let mut fx = fixture(|m| set(m, &["labels"], labels(&["sport", "business", "politics", "technology", "entertainment"])), None).await;
     fx.start_pipeline().await;
     let input = fx.topo.file.processors.tagger.input.clone();
@@ -577,7 +582,7 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
 
     let o = ops::RetagOptions { topic: input.clone(), start: ops::Start::Beginning, media_ids: Some(HashSet::from(["s0".into(), "s2".into()])), rate: 50.0, progress: false };
     let s = ops::retag(&fx.conn.kafka, &Default::default(), &o).await.unwrap();
-    assert_eq!(s, ops::Summary { read: 3, sent: 2, skipped: 1 });
+    assert_eq!(s, ops::Summary { read: 3, sent: 2, skipped: 1, unavailable: 0 });
     let moved: HashSet<String> = ["s0".to_string(), "s2".to_string()].into();
     eventually!(120, "s0, s2 moved to athletics", by_tag_ids(&fx, "athletics").await == moved && by_tag_ids(&fx, "sport").await == HashSet::from(["s1".to_string()]));
     assert_eq!(stored_tags(&fx, "s0").await.unwrap()["tags"][0]["label"], "athletics");
@@ -602,6 +607,7 @@ fn write_topology(path: &PathBuf, names: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dlq_replay_after_a_fix_resends_each_dead_letter_once() {
+    streamoasis_testkit::require_stack!();
     // Before the fix: at most 3 candidate labels per item.
     let mut fx = fixture(|m| set(m, &["max_labels"], 12.into()), None).await;
     let topo_fixed = fx.topo.clone();
@@ -641,12 +647,12 @@ async fn dlq_replay_after_a_fix_resends_each_dead_letter_once() {
     let base = ops::ReplayOptions { dlq: dlq.clone(), kinds: vec!["invalid_labels".into()], since: None, until: None, dry_run: false, rate: 0.0, progress: false };
     // A window that ends before the dead letters were written selects none.
     let none = ops::dlq_replay(&fx.conn.kafka, &Default::default(), &ops::ReplayOptions { until: Some(item.ingested_at - 60_000), ..base.clone() }).await.unwrap();
-    assert_eq!(none, ops::Summary { read: 2, sent: 0, skipped: 2 });
+    assert_eq!(none, ops::Summary { read: 2, sent: 0, skipped: 2, unavailable: 0 });
     let dry = ops::dlq_replay(&fx.conn.kafka, &Default::default(), &ops::ReplayOptions { dry_run: true, ..base.clone() }).await.unwrap();
-    assert_eq!(dry, ops::Summary { read: 2, sent: 0, skipped: 1 });
+    assert_eq!(dry, ops::Summary { read: 2, sent: 0, skipped: 1, unavailable: 0 });
     assert_eq!(fx.end_offsets(&input), 2);
     let s = ops::dlq_replay(&fx.conn.kafka, &Default::default(), &base).await.unwrap();
-    assert_eq!(s, ops::Summary { read: 2, sent: 1, skipped: 1 }, "only the invalid_labels letter, once");
+    assert_eq!(s, ops::Summary { read: 2, sent: 1, skipped: 1, unavailable: 0 }, "only the invalid_labels letter, once");
     assert_eq!(fx.end_offsets(&input), 3);
     // Tagged exactly once, with the item's own labels; nothing new dead-lettered.
     let mut cc = client_config(&fx.conn.kafka, &Default::default());

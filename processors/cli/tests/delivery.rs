@@ -80,6 +80,7 @@ async fn assert_newest_wins(env: &Env, v2s: &HashMap<String, MediaIngested>, eve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn newest_version_wins_per_key_with_one_tagger() {
+    streamoasis_testkit::require_stack!();
     let env = env(3, "at_least_once").await;
     let tagger = Arc::new(Tagger::load(TaggerConfig::from_topology(&env.topo).unwrap()).await.unwrap());
     let (stop_t, task_t) = env.start_tagger(tagger);
@@ -106,6 +107,7 @@ async fn newest_version_wins_per_key_with_one_tagger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn newest_version_wins_per_key_with_two_taggers_and_a_rebalance() {
+    streamoasis_testkit::require_stack!();
     let env = env(4, "at_least_once").await;
     let tagger = Arc::new(Tagger::load(TaggerConfig::from_topology(&env.topo).unwrap()).await.unwrap());
     let (stop_a, task_a) = env.start_tagger(tagger.clone());
@@ -145,6 +147,7 @@ fn spawn_tagger(env: &Env, log: &Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_survives_kill_9_without_duplicates() {
+    streamoasis_testkit::require_stack!();
     let env = env(3, "exactly_once").await;
     let p = producer(&env.kafka, &BTreeMap::new()).unwrap();
     let n = 600;

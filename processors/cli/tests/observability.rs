@@ -87,6 +87,7 @@ async fn wait_for(url: &str, status: u16, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_move_health_answers_and_traces_connect_across_processes() {
+    streamoasis_testkit::require_stack!();
     let env = env(2, "at_least_once").await;
     let (otlp, spans) = otlp_receiver().await;
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));

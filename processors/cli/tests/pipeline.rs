@@ -30,9 +30,7 @@ struct Env {
     dlq: String,
 }
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+use streamoasis_testkit::root;
 
 /// The project topology with unique topic, group and keyspace names.
 async fn env(partitions: i32) -> Env {
@@ -176,6 +174,7 @@ async fn count(session: &scylla::client::session::Session, ks: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
+    streamoasis_testkit::require_stack!();
     let env = env(3).await;
     let tagger = env.tagger().await;
     let (stop_t, tagger_task) = env.start_tagger(tagger.clone());
@@ -247,6 +246,7 @@ async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_records_go_to_the_dlq_with_headers_and_the_partition_goes_on() {
+    streamoasis_testkit::require_stack!();
     let env = env(1).await;
     let (stop, task) = env.start_tagger(env.tagger().await);
     let p = env.producer();
@@ -345,6 +345,7 @@ async fn poison_records_go_to_the_dlq_with_headers_and_the_partition_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_mid_stream_loses_nothing() {
+    streamoasis_testkit::require_stack!();
     let env = env(2).await;
     let tagger = env.tagger().await;
     let p = env.producer();
@@ -392,6 +393,7 @@ async fn committed(env: &Env, group: &str, topic: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_tagger_joining_mid_stream_shares_the_partitions() {
+    streamoasis_testkit::require_stack!();
     let env = env(4).await;
     let tagger = env.tagger().await;
     let p = env.producer();
@@ -471,6 +473,7 @@ impl Outage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sink_survives_a_database_outage_without_loss() {
+    streamoasis_testkit::require_stack!();
     let mut env = env(2).await;
     env.topo.file.processors.sink.max_in_flight = 16;
     let real = env::get(env::SCYLLA_URI, env::DEFAULT_SCYLLA);

@@ -20,7 +20,7 @@ use streamoasis_pipeline::kafka::client_config;
 const BIN: &str = env!("CARGO_BIN_EXE_streamoasis");
 
 fn root() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).canonicalize().unwrap()
+    streamoasis_testkit::root().canonicalize().unwrap()
 }
 
 fn kafka() -> String {
@@ -249,6 +249,7 @@ fn keys(topic: &str) -> Vec<String> {
 
 #[test]
 fn tagger_process_serves_health_and_metrics_then_drains_on_sigterm_and_exits_zero() {
+    streamoasis_testkit::require_stack!();
     let t = topology("sigterm");
     t.apply();
     let first = t.produce(0, 40);
@@ -292,6 +293,7 @@ fn tagger_process_serves_health_and_metrics_then_drains_on_sigterm_and_exits_zer
 
 #[test]
 fn tagger_process_exits_zero_on_sigterm_while_the_model_loads() {
+    streamoasis_testkit::require_stack!();
     let t = topology("early-term");
     t.apply();
     let mut p = t.spawn_tagger(free_addr());
@@ -313,6 +315,7 @@ fn tagger_process_exits_zero_on_sigterm_while_the_model_loads() {
 
 #[test]
 fn tagger_process_exits_non_zero_when_the_registered_output_schema_is_incompatible() {
+    streamoasis_testkit::require_stack!();
     let t = topology("fatal");
     t.apply();
     // A newer output schema the tagger cannot write: a required field it does not have.

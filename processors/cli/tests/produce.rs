@@ -13,12 +13,11 @@ use streamoasis_pipeline::kafka::client_config;
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_pipeline::{admin, env};
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+use streamoasis_testkit::root;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_20_for_10_seconds_spreads_records_over_10_seconds() {
+    streamoasis_testkit::require_stack!();
     // A topology whose tagger input is a fresh topic (one partition) with its own subject.
     let mut topo = Topology::load(root().join("topology.yaml")).unwrap();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();

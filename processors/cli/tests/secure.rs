@@ -30,9 +30,7 @@ use streamoasis_sink::{connect_with, schema, CqlSecurity, SinkConfig, SinkProces
 use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
 use tokio::task::JoinHandle;
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+use streamoasis_testkit::root;
 
 fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the secure stack's .cache/stack/env"))

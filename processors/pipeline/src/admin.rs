@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::codec::Codec;
-use crate::kafka::client_config;
+use crate::client::client_config;
 use crate::topology::{TopicSpec, Topology};
 
 /// What `apply` did to one object.

@@ -24,9 +24,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientContext;
 
-use crate::kafka::RunnerConfig;
 use crate::secret::{self, redacted};
-use crate::topology::ConfigError;
+use crate::topology::{ConfigError, ProcessorSpec};
 
 /// Environment variables read by [`security_from_env`], with the librdkafka property each sets.
 pub mod env {
@@ -129,6 +128,63 @@ pub fn client_config(brokers: &str, extra: &BTreeMap<String, String>) -> ClientC
     c
 }
 
+/// librdkafka's default `message.max.bytes`: the largest record a producer sends unless
+/// `kafka.client` raises it.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Largest fetch response a processor's consumer asks for (raised to `message.max.bytes` when
+/// that is larger, so one record always fits).
+pub const DEFAULT_FETCH_MAX_BYTES: u64 = 8 * 1024 * 1024;
+
+/// A processor's consumer. Tunables first (`kafka.client` may override them), then the
+/// properties the delivery guarantee depends on, which always win: auto-store off (the run loop
+/// stores watermarks), auto-commit on for at-least-once and off for exactly-once (offsets go
+/// through transactions), cooperative rebalancing, `read_committed`.
+pub fn consumer_config(brokers: &str, extra: &BTreeMap<String, String>, spec: &ProcessorSpec, exactly_once: bool) -> ClientConfig {
+    let user_max = extra.get("message.max.bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let mut c = ClientConfig::new();
+    c.set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
+        .set("max.poll.interval.ms", "300000")
+        .set("queued.max.messages.kbytes", spec.max_prefetch_kbytes.to_string())
+        .set("fetch.max.bytes", DEFAULT_FETCH_MAX_BYTES.max(user_max).to_string())
+        .set("statistics.interval.ms", "5000");
+    // The raw properties, not `ClientConfig::config_map` (which masks passwords).
+    c.set("bootstrap.servers", brokers).set("client.id", "streamoasis");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c.set("group.id", &spec.group)
+        .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("isolation.level", "read_committed");
+    c
+}
+
+/// A transactional producer for exactly-once delivery. Zombies are fenced by the consumer group
+/// metadata sent with the offsets (KIP-447); the transactional id is stable per instance
+/// (`STREAMOASIS_TRANSACTIONAL_ID`, else `<group>-<hostname>`: the pod name in Kubernetes), so a
+/// restarted instance aborts the transaction its predecessor left open at once instead of
+/// leaving `read_committed` readers waiting for `transaction.timeout.ms`. Replicas must not
+/// share an id: on one host, give each its own `STREAMOASIS_TRANSACTIONAL_ID`.
+pub fn transactional_producer(brokers: &str, extra: &BTreeMap<String, String>, group: &str) -> Result<FutureProducer, KafkaError> {
+    let id = std::env::var("STREAMOASIS_TRANSACTIONAL_ID").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "local".into());
+        format!("{group}-{host}")
+    });
+    let mut c = client_config(brokers, extra);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", "30000");
+    c.create()
+}
+
 /// An idempotent producer with `acks=all`, for outputs and dead letters.
 pub fn producer(brokers: &str, extra: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaError> {
     let mut c = client_config(brokers, extra);
@@ -182,12 +238,6 @@ pub fn wait_for_broker(brokers: &str, extra: &BTreeMap<String, String>, timeout:
     }
 }
 
-impl std::fmt::Debug for RunnerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunnerConfig").field("brokers", &self.brokers).field("spec", &self.spec).field("client", &redacted(&self.client)).finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,9 +262,24 @@ mod tests {
     }
 
     #[test]
+    fn the_guarantee_s_properties_win_over_kafka_client() {
+        let spec: ProcessorSpec = serde_yaml::from_str("{input: a, dlq: b, group: g, max_prefetch_kbytes: 2048}").unwrap();
+        let user = map(&[("enable.auto.offset.store", "true"), ("group.id", "other"), ("isolation.level", "read_uncommitted"), ("message.max.bytes", "20000000"), ("session.timeout.ms", "45000")]);
+        let c = consumer_config("b:9092", &user, &spec, false);
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("g"));
+        assert_eq!(c.get("isolation.level"), Some("read_committed"));
+        assert_eq!(c.get("enable.auto.commit"), Some("true"));
+        assert_eq!(c.get("session.timeout.ms"), Some("45000"), "a tunable the user may set");
+        assert_eq!(c.get("fetch.max.bytes"), Some("20000000"), "raised to fit the largest record");
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("2048"));
+        assert_eq!(consumer_config("b:9092", &user, &spec, true).get("enable.auto.commit"), Some("false"));
+    }
+
+    #[test]
     fn runner_config_debug_hides_the_password() {
         let spec: crate::topology::ProcessorSpec = serde_yaml::from_str("{input: a, dlq: b, group: g}").unwrap();
-        let cfg = RunnerConfig::new("b:9092", spec, map(&[("sasl.password", "hunter2"), ("sasl.username", "tagger")]));
+        let cfg = crate::kafka::RunnerConfig::new("b:9092", spec, map(&[("sasl.password", "hunter2"), ("sasl.username", "tagger")]));
         let s = format!("{cfg:?}");
         assert!(!s.contains("hunter2") && s.contains("tagger"), "{s}");
     }

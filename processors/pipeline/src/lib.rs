@@ -9,9 +9,14 @@
 //! - [`processor`]: the [`Processor`](processor::Processor) trait every processor implements.
 //! - [`error`]: the error taxonomy (poison / transient / fatal) and the input limits.
 //! - [`kafka`]: the run loop (consume → process → produce → store offsets), DLQ, backpressure,
-//!   rebalances and shutdown. [`offsets`] holds the per-partition watermark it relies on.
+//!   rebalances, commit strategies (at-least-once, exactly-once) and shutdown, one module per
+//!   part; [`offsets`] holds the per-partition watermark it relies on.
+//! - [`dlq`]: the dead-letter contract (header names and the parsed [`dlq::DeadLetter`]), used by
+//!   the run loop that writes dead letters and by the tools that read them.
+//! - [`ops`]: `retag` and `dlq replay`, which feed records back into the flow.
 //! - [`client`]: the librdkafka properties of every Kafka client (topology `kafka.client` +
-//!   security from the environment), the producer, the broker wait.
+//!   security from the environment), the processors' consumer, producer and transactional
+//!   producer, the broker wait.
 //! - [`secret`]: secrets from env or files; redaction of passwords and URL credentials.
 //! - [`admin`]: `topology apply` for topics and schemas.
 //! - [`telemetry`]: logs, OTLP traces, Prometheus metrics.
@@ -24,10 +29,12 @@
 pub mod admin;
 pub mod client;
 pub mod codec;
+pub mod dlq;
 pub mod error;
 pub mod events;
 pub mod kafka;
 pub mod offsets;
+pub mod ops;
 pub mod processor;
 pub mod secret;
 pub mod telemetry;

@@ -43,6 +43,11 @@ pub struct Metrics {
     /// Time from the item's `ingested_at` to handled here (tagger: tagged event acknowledged;
     /// sink: rows written).
     pub e2e_latency: HistogramVec,
+    /// Time per step of a record in the run loop, by `stage`: `fetch` (record timestamp to read
+    /// by the loop: broker, fetch, prefetch queue), `key_wait` (behind an earlier record of its
+    /// key), `decode` (incl. the registry lookup), `process` (the processor: the tagger's batch
+    /// queue and model, the sink's write), `encode`, `produce` (send to acknowledgement).
+    pub stage_latency: HistogramVec,
     /// Consumer lag per assigned partition (from librdkafka statistics, every 5 s).
     pub lag: IntGaugeVec,
     /// Errors reported by the Kafka consumer.
@@ -74,6 +79,12 @@ pub fn metrics() -> &'static Metrics {
                 &["processor"],
             )
             .unwrap(),
+            stage_latency: HistogramVec::new(
+                HistogramOpts::new("streamoasis_stage_seconds", "Time per step of a record in the run loop")
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 10.0]),
+                &["processor", "stage"],
+            )
+            .unwrap(),
             lag: IntGaugeVec::new(Opts::new("streamoasis_consumer_lag", "Records behind the partition's end, per assigned partition"), &["processor", "topic", "partition"]).unwrap(),
             consumer_errors: IntCounterVec::new(Opts::new("streamoasis_consumer_errors_total", "Errors reported by the Kafka consumer"), &["processor"]).unwrap(),
             fatal: IntCounterVec::new(Opts::new("streamoasis_fatal_errors_total", "Fatal errors (the process exits non-zero)"), &["processor"]).unwrap(),
@@ -85,6 +96,7 @@ pub fn metrics() -> &'static Metrics {
         let _ = r.register(Box::new(m.paused.clone()));
         let _ = r.register(Box::new(m.latency.clone()));
         let _ = r.register(Box::new(m.e2e_latency.clone()));
+        let _ = r.register(Box::new(m.stage_latency.clone()));
         let _ = r.register(Box::new(m.lag.clone()));
         m
     })
@@ -142,8 +154,9 @@ impl Default for Health {
             in_flight: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(now_ms()),
             error_since_ms: AtomicU64::new(0),
-            stall_timeout_ms: AtomicU64::new(300_000),
-            error_timeout_ms: AtomicU64::new(120_000),
+            // The topology's defaults until the run loop sets the processor's own.
+            stall_timeout_ms: AtomicU64::new(crate::topology::default_stall_timeout().as_millis() as u64),
+            error_timeout_ms: AtomicU64::new(crate::topology::default_consumer_error_timeout().as_millis() as u64),
             checks: std::sync::Mutex::new(Vec::new()),
             degraded: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             any_degraded: AtomicBool::new(false),

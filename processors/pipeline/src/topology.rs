@@ -151,10 +151,10 @@ fn default_max_record_bytes() -> usize {
 fn default_transient_budget() -> Duration {
     Duration::from_secs(600)
 }
-fn default_stall_timeout() -> Duration {
+pub(crate) fn default_stall_timeout() -> Duration {
     Duration::from_secs(300)
 }
-fn default_consumer_error_timeout() -> Duration {
+pub(crate) fn default_consumer_error_timeout() -> Duration {
     Duration::from_secs(120)
 }
 fn default_commit_interval() -> Duration {

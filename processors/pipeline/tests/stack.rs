@@ -14,7 +14,7 @@ use streamoasis_pipeline::codec::{Codec, CodecError};
 use streamoasis_pipeline::error::ErrorKind;
 use streamoasis_pipeline::env;
 use streamoasis_pipeline::events::{MediaIngested, MediaKind, MEDIA_INGESTED_AVSC};
-use streamoasis_pipeline::kafka::{client_config, producer};
+use streamoasis_pipeline::client::{client_config, producer};
 
 fn kafka() -> String {
     env::get(env::KAFKA_BOOTSTRAP, env::DEFAULT_KAFKA)
@@ -35,6 +35,7 @@ async fn create_topic(name: &str, partitions: i32) {
 
 #[tokio::test]
 async fn kafka_produce_and_consume_round_trip() {
+    streamoasis_testkit::require_stack!();
     let topic = unique("stack-roundtrip");
     create_topic(&topic, 2).await;
     let p = producer(&kafka(), &BTreeMap::new()).unwrap();
@@ -60,6 +61,7 @@ async fn kafka_produce_and_consume_round_trip() {
 
 #[tokio::test]
 async fn registry_registers_a_schema_and_serves_it_by_id() {
+    streamoasis_testkit::require_stack!();
     let codec = Codec::new(&registry()).unwrap();
     let subject = format!("{}-value", unique("stack-subject"));
     let id = codec.register(&subject, MEDIA_INGESTED_AVSC, "BACKWARD").await.expect("registry answers (is `scripts/stack up` running?)");
@@ -74,6 +76,7 @@ async fn registry_registers_a_schema_and_serves_it_by_id() {
 
 #[tokio::test]
 async fn codec_round_trips_through_the_registry_and_flags_poison() {
+    streamoasis_testkit::require_stack!();
     let codec = Codec::new(&registry()).unwrap();
     let topic = unique("stack-codec");
     codec.register(&format!("{topic}-value"), MEDIA_INGESTED_AVSC, "BACKWARD").await.unwrap();

@@ -41,6 +41,7 @@ fn event(id: &str, tagged_at: i64, tags: &[(&str, f32)]) -> MediaTagged {
 
 #[tokio::test]
 async fn keyspace_table_and_row_round_trip() {
+    streamoasis_testkit::require_stack!();
     let (s, c) = setup().await;
     let ks = &c.keyspace;
     s.query_unpaged(format!("CREATE TABLE IF NOT EXISTS {ks}.probe (k text PRIMARY KEY, v map<text, float>)"), ()).await.unwrap();
@@ -55,6 +56,7 @@ async fn keyspace_table_and_row_round_trip() {
 
 #[tokio::test]
 async fn writes_are_idempotent_and_newest_wins() {
+    streamoasis_testkit::require_stack!();
     let (s, c) = setup().await;
     let w = TagWriter::new(s.clone(), &c).await.unwrap();
     let newer = event("m1", 2_000_000, &[("sport", 0.9), ("politics", 0.1)]);
@@ -71,6 +73,7 @@ async fn writes_are_idempotent_and_newest_wins() {
 
 #[tokio::test]
 async fn retagging_moves_the_item_between_tags() {
+    streamoasis_testkit::require_stack!();
     let (s, c) = setup().await;
     let w = TagWriter::new(s.clone(), &c).await.unwrap();
     w.write(&event("m2", 1_000, &[("tech", 0.7), ("business", 0.3)])).await.unwrap();

@@ -10,9 +10,7 @@ use streamoasis_tagger::model::{read_manifest, TextEncoder, TorchBackend};
 use streamoasis_tagger::tagger::nli_pipeline_scores;
 use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig};
 
-fn models() -> PathBuf {
-    std::env::var_os("STREAMOASIS_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
-}
+use streamoasis_testkit::models;
 
 fn batcher_cfg() -> BatcherConfig {
     BatcherConfig { max_batch_size: 8, max_batch_tokens: 4096, max_wait: Duration::from_millis(2), queue_capacity: 64 }

@@ -21,9 +21,7 @@ use streamoasis_sink::{schema, SinkConfig, SinkProcessor, TagWriter};
 use streamoasis_tagger::{Tagger, TaggerProcessor};
 use tokio::task::JoinHandle;
 
-pub fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+pub use streamoasis_testkit::root;
 
 /// The project's topology text with every topic, subject, group and the keyspace made unique,
 /// and the model path made absolute.

@@ -6,7 +6,9 @@
 //! never read what they themselves wrote, and send each record they read at most once per run.
 //! They send the original bytes and key: the tagger decodes and tags them as any new record
 //! (with the taxonomy and model it has now), and the sink's idempotent upserts let the newer
-//! tagging win.
+//! tagging win. A dead letter sent without its value (too large for the dead-letter topic,
+//! header `error.payload_omitted_bytes`) is replayed from the original record in its source
+//! topic while that is retained; the summary counts those that are not.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -16,7 +18,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use streamoasis_pipeline::kafka::{client_config, producer};
+
+use crate::client::{client_config, producer};
+use crate::dlq::DeadLetter;
 
 /// Where `retag` starts reading.
 #[derive(Debug, Clone)]
@@ -38,6 +42,9 @@ pub struct Summary {
     pub sent: u64,
     /// Records read but filtered out.
     pub skipped: u64,
+    /// Dead letters without a value whose original is no longer in its source topic
+    /// (retention): not sent.
+    pub unavailable: u64,
 }
 
 /// Options of [`retag`].
@@ -74,11 +81,13 @@ pub struct ReplayOptions {
     pub progress: bool,
 }
 
-/// Headers the run loop adds to a dead letter; not copied back to the source topic.
-const DLQ_HEADERS: [&str; 7] = ["error.kind", "error.message", "error.processor", "source.topic", "source.partition", "source.offset", "schema.id"];
-
-fn header<'a>(m: &'a impl Message, key: &str) -> Option<&'a str> {
-    m.headers()?.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+/// Where a routed record goes and what it carries.
+struct Route {
+    target: String,
+    headers: OwnedHeaders,
+    /// Send this value instead of the record's own: `Some((partition, offset))` of the original
+    /// in `target` (a dead letter sent without its value).
+    from_source: Option<(i32, i64)>,
 }
 
 /// Per partition: `[start, end)` to read, `end` being the high watermark now.
@@ -136,7 +145,7 @@ async fn copy(
     rate: f64,
     progress: bool,
     what: &str,
-    mut route: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<(String, OwnedHeaders)>,
+    mut route: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<Route>,
 ) -> anyhow::Result<Summary> {
     let mut sum = Summary::default();
     if ranges.is_empty() {
@@ -194,15 +203,23 @@ async fn copy(
         }
         sum.read += 1;
         bar.inc(1);
-        let Some((target, headers)) = route(&m) else {
+        let Some(Route { target, headers, from_source }) = route(&m) else {
             sum.skipped += 1;
             continue;
+        };
+        let (key, payload) = match from_source {
+            None => (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)),
+            Some((p, o)) => match original(brokers, client, &target, p, o).await? {
+                Some(kv) => kv,
+                None => {
+                    sum.unavailable += 1;
+                    continue;
+                }
+            },
         };
         if rate > 0.0 {
             tokio::time::sleep_until((started + Duration::from_secs_f64(sum.sent as f64 / rate)).into()).await;
         }
-        let key = m.key().map(<[u8]>::to_vec);
-        let payload = m.payload().map(<[u8]>::to_vec);
         let prod = &prod;
         pending.push(async move {
             let mut rec = FutureRecord::<Vec<u8>, Vec<u8>>::to(&target).headers(headers);
@@ -244,7 +261,7 @@ pub async fn retag(brokers: &str, client: &BTreeMap<String, String>, o: &RetagOp
                 h = h.insert(Header { key: x.key, value: x.value });
             }
         }
-        Some((topic.clone(), h.insert(Header { key: "streamoasis.retag", value: Some("1") })))
+        Some(Route { target: topic.clone(), headers: h.insert(Header { key: "streamoasis.retag", value: Some("1") }), from_source: None })
     })
     .await
 }
@@ -264,26 +281,61 @@ pub async fn dlq_replay(brokers: &str, client: &BTreeMap<String, String>, o: &Re
         if o.since.is_some_and(|s| ts < s) || o.until.is_some_and(|u| ts >= u) {
             return None;
         }
-        if !kinds.is_empty() && !header(m, "error.kind").is_some_and(|k| kinds.contains(k)) {
+        let letter = match DeadLetter::parse(m.headers()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "skipping a record that is not a dead letter");
+                return None;
+            }
+        };
+        if !kinds.is_empty() && !kinds.contains(letter.kind.as_str()) {
             return None;
         }
-        let target = header(m, "source.topic")?.to_string();
         if o.dry_run {
             would += 1;
             return None;
         }
-        let mut h = OwnedHeaders::new();
-        if let Some(orig) = m.headers() {
-            for x in orig.iter().filter(|x| !DLQ_HEADERS.contains(&x.key)) {
-                h = h.insert(Header { key: x.key, value: x.value });
-            }
-        }
         let from = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
-        Some((target, h.insert(Header { key: "streamoasis.replayed_from", value: Some(from.as_str()) })))
+        let headers = DeadLetter::strip(m.headers()).insert(Header { key: "streamoasis.replayed_from", value: Some(from.as_str()) });
+        let from_source = letter.payload_omitted_bytes.map(|_| (letter.source_partition, letter.source_offset));
+        Some(Route { target: letter.source_topic, headers, from_source })
     })
     .await?;
     if o.dry_run {
-        return Ok(Summary { read: s.read, sent: 0, skipped: s.read - would });
+        return Ok(Summary { read: s.read, sent: 0, skipped: s.read - would, unavailable: 0 });
     }
     Ok(s)
+}
+
+/// The key and value of the record at `topic`/`partition`/`offset`, or `None` when it is no
+/// longer retained (below the partition's low watermark).
+async fn original(brokers: &str, client: &BTreeMap<String, String>, topic: &str, partition: i32, offset: i64) -> anyhow::Result<Option<(Option<Vec<u8>>, Option<Vec<u8>>)>> {
+    let mut cc = client_config(brokers, client);
+    cc.set("group.id", format!("streamoasis-dlq-original-{}", std::process::id())).set("enable.auto.commit", "false");
+    let c: BaseConsumer = cc.create()?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let t = Duration::from_secs(10);
+        let (low, high) = c.fetch_watermarks(&topic, partition, t)?;
+        if offset < low || offset >= high {
+            tracing::warn!(%topic, partition, offset, low, high, "the original of a dead letter without its value is no longer retained: it cannot be replayed");
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+        c.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match c.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.offset() == offset => return Ok(Some((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)))),
+                // A transaction marker or an aborted record sits at the offset: nothing to send.
+                Some(Ok(m)) if m.offset() > offset => return Ok(None),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(anyhow::anyhow!("reading the original at {topic}/{partition}@{offset}: {e}")),
+                None => {}
+            }
+        }
+        anyhow::bail!("the original at {topic}/{partition}@{offset} did not arrive within 30 s")
+    })
+    .await?
 }

@@ -1,0 +1,61 @@
+//! Writing dead letters: the original record with the headers of [`crate::dlq`], acknowledged
+//! by Kafka before the record counts as handled.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use tracing::warn;
+
+use super::record::{backoff, classify_produce_error, Attempt, Shared};
+use crate::dlq::DeadLetter;
+use crate::error::ErrorKind;
+use crate::processor::ProcessError;
+use crate::telemetry::metrics;
+
+/// Send the original bytes to the dead-letter topic with headers saying why; waits for the ack.
+/// Transient failures retry within the transient budget; a refusal (not authorised) is fatal,
+/// since the record could otherwise only be dropped. A letter too large for the dead-letter
+/// topic goes without its value (`error.payload_omitted_bytes`): the original stays in the
+/// source topic at `source.partition`/`source.offset`.
+pub(crate) async fn dead_letter<P>(s: &Shared<P>, msg: &OwnedMessage, kind: ErrorKind, message: &str, schema_id: Option<u32>) -> Result<(), ProcessError> {
+    metrics().dead_letters.with_label_values(&[s.name, kind.as_str()]).inc();
+    let mut letter = DeadLetter::new(kind, message, s.name, msg.topic(), msg.partition(), msg.offset(), schema_id);
+    warn!(processor = s.name, kind = kind.as_str(), error = %letter.message, "poison record → {}", s.spec.dlq);
+    let mut attempt = 0;
+    let started = Instant::now();
+    loop {
+        let headers = letter.headers(msg.headers());
+        let mut rec = FutureRecord::to(&s.spec.dlq).headers(headers);
+        if letter.payload_omitted_bytes.is_none() {
+            if let Some(p) = msg.payload() {
+                rec = rec.payload(p);
+            }
+        }
+        if let Some(k) = msg.key() {
+            rec = rec.key(k);
+        }
+        let Err((e, _)) = s.producer.send(rec, Duration::from_secs(0)).await else { return Ok(()) };
+        match classify_produce_error(&e, &s.spec.dlq) {
+            Attempt::Fatal(f) => return Err(f),
+            Attempt::Poison { message, .. } if msg.payload().is_some() && letter.payload_omitted_bytes.is_none() => {
+                warn!(processor = s.name, error = %message, "dead letter too large: sending it without its payload");
+                letter.payload_omitted_bytes = Some(msg.payload().map_or(0, <[u8]>::len) as u64);
+                continue;
+            }
+            Attempt::Poison { message, .. } => {
+                return Err(ProcessError::Fatal(format!("the dead-letter topic {} refused a poison record: {message}", s.spec.dlq)));
+            }
+            Attempt::Retry { .. } => {}
+        }
+        if started.elapsed() > s.spec.transient_budget {
+            return Err(ProcessError::Fatal(format!("dead-letter topic {} kept failing: {e}", s.spec.dlq)));
+        }
+        warn!(processor = s.name, error = %e, "dead-letter produce failed, retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(attempt)) => {}
+            _ = s.stop.cancelled() => return Err(ProcessError::Transient(format!("dead letter abandoned on shutdown: {e}"))),
+        }
+        attempt += 1;
+    }
+}
