@@ -26,6 +26,7 @@ use streamoasis_pipeline::events::{MediaIngested, MediaKind, MediaTagged};
 use streamoasis_pipeline::kafka::{run, RunSummary, RunnerConfig};
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_pipeline::{admin, env, CancellationToken};
+use streamoasis_sink::read::Reader;
 use streamoasis_sink::{connect_with, schema, CqlSecurity, SinkConfig, SinkProcessor, TagWriter};
 use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
 use tokio::task::JoinHandle;
@@ -331,14 +332,15 @@ async fn secured_pipeline_a_thousand_items_in_out_and_rows_while_intruders_are_r
     assert!(items.iter().all(|i| seen.contains_key(&i.media_id)));
 
     let cfg = s.sink_config();
-    let session = connect_with(&s.roles.cql_uri, &cfg, &cql_admin(&cfg)).await.unwrap();
+    let session = Arc::new(connect_with(&s.roles.cql_uri, &cfg, &cql_admin(&cfg)).await.unwrap());
     let deadline = Instant::now() + Duration::from_secs(120);
     while s.count_rows(&session).await < 1000 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(s.count_rows(&session).await, 1000, "a row per item, written by the sink role over TLS");
     let probe = &items[421];
-    let tags = streamoasis_sink::get_tags(&session, &cfg.keyspace, &probe.media_id).await.unwrap().expect("row read back");
+    let reader = Reader::new(session.clone(), &cfg.keyspace).await.unwrap();
+    let tags = reader.media(&probe.media_id).await.unwrap().expect("row read back").tags;
     assert_eq!(tags.first().map(|t| t.0.as_str()), seen[&probe.media_id].tags.first().map(|t| t.label.as_str()));
 
     stop.cancel();
@@ -393,7 +395,7 @@ async fn a_full_run_of_the_binary_at_debug_level_logs_no_password() {
     assert!(run_to_end(&["topology", "apply"], &[], &logs[0]), "topology apply over the secured stack: {}", std::fs::read_to_string(&logs[0]).unwrap());
     let topo = Topology::load(root().join("topology.yaml")).unwrap();
     let cfg = SinkConfig::from_topology(&topo).unwrap();
-    let session = connect_with(&roles.cql_uri, &cfg, &cql_admin(&cfg)).await.unwrap();
+    let session = Arc::new(connect_with(&roles.cql_uri, &cfg, &cql_admin(&cfg)).await.unwrap());
     for perm in ["SELECT", "MODIFY"] {
         session.query_unpaged(format!("GRANT {perm} ON KEYSPACE {} TO {}", cfg.keyspace, var("SCYLLA_SINK_USERNAME")), ()).await.unwrap();
     }
@@ -415,12 +417,13 @@ async fn a_full_run_of_the_binary_at_debug_level_logs_no_password() {
     assert!(run_to_end(&["produce", input.to_str().unwrap(), "--quiet"], &[], &logs[3]), "produce: {}", std::fs::read_to_string(&logs[3]).unwrap());
 
     // Every item lands in the database through the sink role.
+    let reader = Reader::new(session.clone(), &cfg.keyspace).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut found = 0;
     while Instant::now() < deadline {
         found = 0;
         for i in 0..20 {
-            if streamoasis_sink::get_tags(&session, &cfg.keyspace, &format!("log-{run_id}-{i}")).await.unwrap().is_some() {
+            if reader.media(&format!("log-{run_id}-{i}")).await.unwrap().is_some() {
                 found += 1;
             }
         }

@@ -7,6 +7,8 @@
 //!   page token is opaque to callers: it encodes the last `(score, media_id)` returned, and
 //!   the next page starts strictly after it, so pages never repeat or skip an item that stays
 //!   put while paging.
+//! - [`count_rows`], [`count_by_tag`]: row counts for operators (`streamoasis db stats`) and tests.
+//! - [`rebuild_by_tag`]: the `media_by_tag` migration [`crate::schema::apply`] runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimestamp;
 
-use crate::{bucket_of, BY_TAG_BUCKETS};
+use crate::schema::{bucket_of, BY_TAG_BUCKETS};
 
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,34 +208,10 @@ impl Reader {
     }
 }
 
-/// One page of items carrying `tag` without a long-lived [`Reader`] (operators' commands).
-pub async fn by_tag_page(session: &Session, keyspace: &str, tag: &str, limit: usize, page: Option<&str>) -> anyhow::Result<Page> {
-    // A Reader needs an Arc'd session; issue the same statements unprepared instead.
-    let cursor = page.map(decode_token).transpose()?;
-    let per = i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX);
-    let mut all = Vec::new();
-    for b in 0..BY_TAG_BUCKETS {
-        let r = match &cursor {
-            None => {
-                let q = format!("SELECT score, media_id, tagged_at FROM {keyspace}.media_by_tag WHERE tag = ? AND bucket = ? LIMIT ?");
-                session.query_unpaged(q, (tag, b, per)).await?
-            }
-            Some((s, id)) => {
-                let q = format!("SELECT score, media_id, tagged_at FROM {keyspace}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?");
-                session.query_unpaged(q, (tag, b, *s, id, per)).await?
-            }
-        };
-        let rows = r.into_rows_result()?;
-        for row in rows.rows::<(f32, String, Option<CqlTimestamp>)>()? {
-            let (score, media_id, t) = row?;
-            all.push(TaggedItem { media_id, score, tagged_at: t.map(|t| t.0) });
-        }
-    }
-    all.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| b.media_id.cmp(&a.media_id)));
-    let more = all.len() > limit;
-    all.truncate(limit);
-    let next = if more { all.last().map(|l| encode_token(l.score, &l.media_id)) } else { None };
-    Ok(Page { items: all, next })
+/// The count a `SELECT COUNT(*) ...` query returns (operators' commands and tests).
+pub async fn count_rows(session: &Session, query: &str) -> anyhow::Result<i64> {
+    let r = session.query_unpaged(query, ()).await?.into_rows_result()?;
+    Ok(r.maybe_first_row::<(i64,)>()?.map_or(0, |(n,)| n))
 }
 
 /// Rows of `media_by_tag` for `tag` (every bucket).

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use streamoasis_pipeline::env;
 use streamoasis_pipeline::events::{Lineage, MediaKind, MediaTagged, ModelRef, Strategy, Tag};
-use streamoasis_sink::{by_tag, connect, count_rows, get_tags, schema, SinkConfig, TagWriter};
+use streamoasis_sink::read::Reader;
+use streamoasis_sink::{connect, count_rows, schema, SinkConfig, TagWriter};
 
 fn config() -> SinkConfig {
     let ks = format!("t_{}", uuid::Uuid::new_v4().simple());
@@ -64,10 +65,11 @@ async fn writes_are_idempotent_and_newest_wins() {
     w.write(&newer).await.unwrap();
     w.write(&newer).await.unwrap(); // replay: no change
     w.write(&older).await.unwrap(); // late, older event: must not win
-    let tags = get_tags(&s, &c.keyspace, "m1").await.unwrap().unwrap();
+    let r = Reader::new(s.clone(), &c.keyspace).await.unwrap();
+    let tags = r.media("m1").await.unwrap().unwrap().tags;
     assert_eq!(tags, vec![("sport".to_string(), 0.9), ("politics".to_string(), 0.1)]);
-    assert_eq!(by_tag(&s, &c.keyspace, "sport", 10).await.unwrap(), vec![("m1".to_string(), 0.9)]);
-    assert!(by_tag(&s, &c.keyspace, "business", 10).await.unwrap().is_empty(), "older event's tag row shadowed");
+    assert_eq!(by_tag(&r, "sport", 10).await.unwrap(), vec![("m1".to_string(), 0.9)]);
+    assert!(by_tag(&r, "business", 10).await.unwrap().is_empty(), "older event's tag row shadowed");
     assert_eq!(count_rows(&s, &format!("SELECT COUNT(*) FROM {}.media_tags", c.keyspace)).await.unwrap(), 1);
 }
 
@@ -78,7 +80,13 @@ async fn retagging_moves_the_item_between_tags() {
     let w = TagWriter::new(s.clone(), &c).await.unwrap();
     w.write(&event("m2", 1_000, &[("tech", 0.7), ("business", 0.3)])).await.unwrap();
     w.write(&event("m2", 2_000, &[("tech", 0.6), ("sport", 0.4)])).await.unwrap();
-    assert!(by_tag(&s, &c.keyspace, "business", 10).await.unwrap().is_empty(), "dropped tag unlinked");
-    assert_eq!(by_tag(&s, &c.keyspace, "sport", 10).await.unwrap(), vec![("m2".to_string(), 0.4)]);
-    assert_eq!(by_tag(&s, &c.keyspace, "tech", 10).await.unwrap(), vec![("m2".to_string(), 0.6)]);
+    let r = Reader::new(s.clone(), &c.keyspace).await.unwrap();
+    assert!(by_tag(&r, "business", 10).await.unwrap().is_empty(), "dropped tag unlinked");
+    assert_eq!(by_tag(&r, "sport", 10).await.unwrap(), vec![("m2".to_string(), 0.4)]);
+    assert_eq!(by_tag(&r, "tech", 10).await.unwrap(), vec![("m2".to_string(), 0.6)]);
+}
+
+/// The first page of items carrying `tag`, as (media id, score).
+async fn by_tag(r: &Reader, tag: &str, limit: usize) -> Result<Vec<(String, f32)>, streamoasis_sink::read::ReadError> {
+    Ok(r.by_tag(tag, limit, None).await?.items.into_iter().map(|i| (i.media_id, i.score)).collect())
 }

@@ -1,0 +1,106 @@
+//! Keyspace and tables: `media_tags` (one row per item) and `media_by_tag` (items by tag, in
+//! [`BY_TAG_BUCKETS`] partitions per tag; see the crate docs), created idempotently by
+//! [`apply`], which also adds columns introduced after the first release and migrates the
+//! earlier one-partition-per-tag layout.
+
+use std::collections::HashSet;
+
+use scylla::client::session::Session;
+
+use crate::config::SinkConfig;
+
+/// CQL statements creating the keyspace and tables (idempotent).
+pub fn statements(c: &SinkConfig) -> Vec<String> {
+    let mut repl: Vec<String> = c
+        .replication
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_yaml::Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+            };
+            format!("'{k}': '{v}'")
+        })
+        .collect();
+    repl.sort();
+    let ks = &c.keyspace;
+    vec![
+        format!("CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{{}}}", repl.join(", ")),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.media_tags (\
+             media_id text PRIMARY KEY, \
+             tags map<text, float>, \
+             top_tag text, \
+             kind text, \
+             strategy text, \
+             model text, \
+             ingested_at timestamp, \
+             tagged_at timestamp, \
+             source_topic text, source_partition int, source_offset bigint)"
+        ),
+        by_tag_table(ks),
+    ]
+}
+
+/// The bucketed by-tag table (see the crate docs).
+pub fn by_tag_table(ks: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.media_by_tag (\
+         tag text, bucket int, score float, media_id text, tagged_at timestamp, \
+         PRIMARY KEY ((tag, bucket), score, media_id)) \
+         WITH CLUSTERING ORDER BY (score DESC, media_id DESC)"
+    )
+}
+
+/// Columns added to `media_tags` after its first release: `ALTER TABLE ... ADD` when absent.
+pub const CARRIED_COLUMNS: [(&str, &str); 4] = [("title", "text"), ("source", "text"), ("language", "text"), ("attributes", "map<text, text>")];
+
+async fn columns(session: &Session, ks: &str, table: &str) -> anyhow::Result<HashSet<String>> {
+    let r = session
+        .query_unpaged("SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?", (ks, table))
+        .await?
+        .into_rows_result()?;
+    Ok(r.rows::<(String,)>()?.collect::<Result<Vec<_>, _>>()?.into_iter().map(|(c,)| c).collect())
+}
+
+/// Create the keyspace and tables, add missing columns and migrate an unbucketed
+/// `media_by_tag` (rebuilt from `media_tags`). Idempotent; returns what it changed.
+pub async fn apply(session: &Session, c: &SinkConfig) -> anyhow::Result<Vec<String>> {
+    let ks = &c.keyspace;
+    let mut changes = Vec::new();
+    let stmts = statements(c);
+    session.query_unpaged(stmts[0].clone(), ()).await?;
+    session.query_unpaged(stmts[1].clone(), ()).await?;
+    let have = columns(session, ks, "media_tags").await?;
+    for (name, ty) in CARRIED_COLUMNS {
+        if !have.contains(name) {
+            session.query_unpaged(format!("ALTER TABLE {ks}.media_tags ADD {name} {ty}"), ()).await?;
+            changes.push(format!("added     column media_tags.{name}"));
+        }
+    }
+    let by_tag = columns(session, ks, "media_by_tag").await?;
+    let migrate = !by_tag.is_empty() && !by_tag.contains("bucket");
+    if migrate {
+        session.query_unpaged(format!("DROP TABLE {ks}.media_by_tag"), ()).await?;
+    }
+    session.query_unpaged(by_tag_table(ks), ()).await?;
+    if migrate {
+        let n = crate::read::rebuild_by_tag(session, ks).await?;
+        changes.push(format!("migrated  {ks}.media_by_tag to (tag, bucket) partitions: {n} rows rebuilt from media_tags"));
+    }
+    Ok(changes)
+}
+
+/// Partitions per tag in `media_by_tag` (a hash of the media id picks one). Changing it needs a
+/// rebuild of the table: drop it and run `topology apply`.
+pub const BY_TAG_BUCKETS: i32 = 16;
+
+/// The `media_by_tag` bucket of a media id: FNV-1a of its bytes, stable across releases.
+pub fn bucket_of(media_id: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in media_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % BY_TAG_BUCKETS as u32) as i32
+}

@@ -1,0 +1,209 @@
+//! [`TagWriter`]: the idempotent writer of tagged events.
+//!
+//! Statements are prepared once; writes in flight are bounded by `scylla.concurrency`. Every
+//! write carries the event's version as its CQL timestamp ([`write_timestamp`]) and an event
+//! older than the stored row is skipped ([`version_of`]); see the crate docs for the rule.
+//! Driver errors are classified for the run loop by [`classify`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimestamp;
+use streamoasis_pipeline::events::MediaTagged;
+use tokio::sync::Semaphore;
+
+use crate::config::SinkConfig;
+use crate::schema::bucket_of;
+
+/// Writes tagged events with prepared statements and bounded concurrency.
+pub struct TagWriter {
+    session: Arc<Session>,
+    upsert: PreparedStatement,
+    read_tags: PreparedStatement,
+    by_tag: PreparedStatement,
+    unlink: PreparedStatement,
+    carry: PreparedStatement,
+    permits: Semaphore,
+}
+
+impl std::fmt::Debug for TagWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TagWriter").finish_non_exhaustive()
+    }
+}
+
+/// Why a write failed, classified for the run loop.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The database refuses this data (invalid request, value too large): retrying cannot help.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The database is unavailable, overloaded or timed out: retry with backoff.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Not authorised, or our statements are wrong: a deployment problem.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Classify a driver error (see "Errors" in the crate docs).
+pub fn classify(what: &str, e: &scylla::errors::ExecutionError) -> WriteError {
+    use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+    let msg = format!("{what}: {e}");
+    match e {
+        ExecutionError::BadQuery(_) => WriteError::Rejected(msg),
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => match db {
+            DbError::Invalid | DbError::FunctionFailure { .. } => WriteError::Rejected(msg),
+            DbError::Unauthorized | DbError::AuthenticationError => {
+                WriteError::Fatal(format!("{msg} (grant MODIFY and SELECT on the keyspace to the sink's role)"))
+            }
+            DbError::SyntaxError | DbError::ConfigError => WriteError::Fatal(format!("{msg} (did `streamoasis topology apply` run?)")),
+            _ => WriteError::Unavailable(msg),
+        },
+        ExecutionError::LastAttemptError(RequestAttemptError::SerializationError(_)) => WriteError::Rejected(msg),
+        _ => WriteError::Unavailable(msg),
+    }
+}
+
+/// The version of an event: from the input record, never from a clock. Ordered tuples compare
+/// as the rule in the crate docs says.
+pub fn version_of(e: &MediaTagged) -> (i64, i32, i64) {
+    (e.ingested_at, e.lineage.partition, e.lineage.offset)
+}
+
+/// The CQL write timestamp (µs) of an event's version.
+pub fn write_timestamp(e: &MediaTagged) -> i64 {
+    e.ingested_at.saturating_mul(1000).saturating_add(e.lineage.offset.rem_euclid(1000))
+}
+
+struct DbMetrics {
+    write: prometheus::Histogram,
+    errors: prometheus::IntCounterVec,
+    skipped: prometheus::IntCounter,
+}
+
+fn db_metrics() -> &'static DbMetrics {
+    static M: std::sync::OnceLock<DbMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let r = streamoasis_pipeline::telemetry::registry();
+        let m = DbMetrics {
+            write: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new("streamoasis_db_write_seconds", "Time to write one tagged event (all its rows)")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )
+            .unwrap(),
+            errors: prometheus::IntCounterVec::new(prometheus::Opts::new("streamoasis_db_errors_total", "Failed database writes, by class"), &["class"]).unwrap(),
+            skipped: prometheus::IntCounter::new("streamoasis_db_stale_skipped_total", "Events skipped because the stored row is newer").unwrap(),
+        };
+        let _ = r.register(Box::new(m.write.clone()));
+        let _ = r.register(Box::new(m.errors.clone()));
+        let _ = r.register(Box::new(m.skipped.clone()));
+        m
+    })
+}
+
+impl TagWriter {
+    /// Prepare the statements (once).
+    pub async fn new(session: Arc<Session>, c: &SinkConfig) -> anyhow::Result<Self> {
+        let ks = &c.keyspace;
+        let prep = |q: String| {
+            let session = session.clone();
+            async move { session.prepare(q.clone()).await.map_err(|e| anyhow::anyhow!("preparing `{q}`: {e} (did `streamoasis topology apply` run?)")) }
+        };
+        Ok(TagWriter {
+            upsert: prep(format!(
+                "INSERT INTO {ks}.media_tags (media_id, tags, top_tag, kind, strategy, model, ingested_at, tagged_at, source_topic, source_partition, source_offset) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            read_tags: prep(format!("SELECT tags, ingested_at, source_partition, source_offset FROM {ks}.media_tags WHERE media_id = ?")).await?,
+            by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?,
+            unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND bucket = ? AND score = ? AND media_id = ?")).await?,
+            carry: prep(format!("UPDATE {ks}.media_tags USING TIMESTAMP ? SET title = ?, source = ?, language = ?, attributes = ? WHERE media_id = ?")).await?,
+            permits: Semaphore::new(c.concurrency),
+            session,
+        })
+    }
+
+    /// Upsert one event: the item row, one row per tag, and deletes for tags it no longer has.
+    /// Returns `false` when the stored row is newer and the event was skipped.
+    pub async fn write(&self, e: &MediaTagged) -> Result<bool, WriteError> {
+        let started = std::time::Instant::now();
+        let r = tracing::Instrument::instrument(self.write_inner(e), tracing::info_span!("db_write")).await;
+        let m = db_metrics();
+        m.write.observe(started.elapsed().as_secs_f64());
+        match &r {
+            Ok(false) => m.skipped.inc(),
+            Ok(true) => {}
+            Err(WriteError::Rejected(_)) => m.errors.with_label_values(&["rejected"]).inc(),
+            Err(WriteError::Unavailable(_)) => m.errors.with_label_values(&["unavailable"]).inc(),
+            Err(WriteError::Fatal(_)) => m.errors.with_label_values(&["fatal"]).inc(),
+        }
+        r
+    }
+
+    async fn write_inner(&self, e: &MediaTagged) -> Result<bool, WriteError> {
+        let _permit = self.permits.acquire().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
+        let ts_us = write_timestamp(e);
+        let read = |x: &dyn std::fmt::Display| WriteError::Unavailable(format!("read previous tags: {x}"));
+        type Stored = (Option<HashMap<String, f32>>, Option<CqlTimestamp>, Option<i32>, Option<i64>);
+        let stored = self
+            .session
+            .execute_unpaged(&self.read_tags, (&e.media_id,))
+            .await
+            .map_err(|x| classify("read previous tags", &x))?
+            .into_rows_result()
+            .map_err(|x| read(&x))?
+            .maybe_first_row::<Stored>()
+            .map_err(|x| read(&x))?;
+        if let Some((_, Some(CqlTimestamp(at)), part, off)) = &stored {
+            if (*at, part.unwrap_or(-1), off.unwrap_or(-1)) > version_of(e) {
+                // A replay or a late, older event: the stored tags are newer and stay.
+                return Ok(false);
+            }
+        }
+        let previous: HashMap<String, f32> = stored.and_then(|(m, ..)| m).unwrap_or_default();
+        let tags: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
+        let tagged_at = CqlTimestamp(e.tagged_at);
+        let top = e.tags.first().map(|t| t.label.clone());
+        let kind = format!("{:?}", e.kind).to_uppercase();
+        let strategy = format!("{:?}", e.strategy).to_uppercase();
+        let model = format!("{}@{}", e.model.name, e.model.version);
+        let main = self.session.execute_unpaged(
+            &self.upsert,
+            (
+                &e.media_id,
+                &tags,
+                &top,
+                &kind,
+                &strategy,
+                &model,
+                CqlTimestamp(e.ingested_at),
+                tagged_at,
+                &e.lineage.topic,
+                e.lineage.partition,
+                e.lineage.offset,
+                ts_us,
+            ),
+        );
+        // media_by_tag rows are keyed by (tag, bucket, score, media_id): a tag whose score
+        // changed moves to a new row, so the old row is deleted like a dropped tag.
+        let bucket = bucket_of(&e.media_id);
+        let links = e.tags.iter().map(|t| self.session.execute_unpaged(&self.by_tag, (&t.label, bucket, t.score, &e.media_id, tagged_at, ts_us)));
+        let unlinks = previous
+            .iter()
+            .filter(|(l, s)| tags.get(*l).is_none_or(|n| n.to_bits() != s.to_bits()))
+            .map(|(l, s)| self.session.execute_unpaged(&self.unlink, (ts_us, l, bucket, *s, &e.media_id)));
+        // Fields carried from the input (title, source, language, attributes), for the read path.
+        let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.media_id));
+        let (main, links, unlinks, carry) = tokio::join!(main, futures::future::join_all(links), futures::future::join_all(unlinks), carry);
+        main.map_err(|x| classify("write media_tags", &x))?;
+        carry.map_err(|x| classify("write media_tags", &x))?;
+        for r in links.into_iter().chain(unlinks) {
+            r.map_err(|x| classify("write media_by_tag", &x))?;
+        }
+        Ok(true)
+    }
+}
