@@ -229,8 +229,8 @@ mod tests {
     /// Status, headers and JSON body of the HTTP answer.
     fn http(e: ApiError) -> (StatusCode, Option<String>, Option<String>, serde_json::Value) {
         let r = e.into_response();
-        let header = |h| r.headers().get(h).map(|v: &HeaderValue| v.to_str().unwrap().to_string());
-        let (retry, www) = (header(header::RETRY_AFTER), header(header::WWW_AUTHENTICATE));
+        let get = |name: header::HeaderName| r.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let (retry, www) = (get(header::RETRY_AFTER), get(header::WWW_AUTHENTICATE));
         let status = r.status();
         let bytes = futures::executor::block_on(axum::body::to_bytes(r.into_body(), 1 << 16)).unwrap();
         (status, retry, www, serde_json::from_slice(&bytes).unwrap())

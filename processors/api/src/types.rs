@@ -39,6 +39,7 @@ pub struct ErrorDetail {
     /// The request field at fault, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
 
 // ───────────────────────────── bodies and answers ─────────────────────────────
 
