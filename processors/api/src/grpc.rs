@@ -2,8 +2,9 @@
 //! the same JWT in the `authorization` metadata, and server reflection (v1) so `grpcurl`
 //! and similar tools discover the service.
 //!
-//! Status codes: `UNAUTHENTICATED` (token), `INVALID_ARGUMENT` ("field: reason"),
-//! `RESOURCE_EXHAUSTED` (queue full on `Tag`; retry), `DEADLINE_EXCEEDED`, `UNAVAILABLE`.
+//! Status codes come from [`ApiError`] (its table): `UNAUTHENTICATED` (token),
+//! `INVALID_ARGUMENT` ("field: reason"), `RESOURCE_EXHAUSTED` (queue full on `Tag`; retry),
+//! `DEADLINE_EXCEEDED`, `UNAVAILABLE`, `INTERNAL`.
 //! `TagStream` waits for queue room instead (flow control pushes back on the caller), answers
 //! every request in order, and reports a rejected item in that response's `error` without
 //! ending the stream.
@@ -13,14 +14,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use streamoasis_tagger::batcher::BatchError;
-use streamoasis_tagger::tagger::TagError;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::tagger_server::{Tagger as TaggerRpc, TaggerServer};
 use crate::proto::{Tag, TagRequest, TagResponse};
-use crate::validate::{self, TagInput};
+use crate::error::ApiError;
+use crate::validate::TagInput;
 use crate::ApiState;
 
 /// The service implementation.
@@ -36,18 +36,9 @@ impl TaggerService {
     }
 }
 
-fn tag_status(e: TagError) -> Status {
-    match e {
-        TagError::InvalidLabels(m) => Status::invalid_argument(format!("candidate_labels: {m}")),
-        TagError::Model(BatchError::QueueFull) => Status::resource_exhausted("the tagging queue is full: retry with backoff"),
-        TagError::Model(BatchError::Overloaded(m)) => Status::unavailable(format!("the model is out of memory ({m}): retry later")),
-        TagError::Model(BatchError::Stopped) => Status::unavailable("the model is shutting down"),
-        TagError::Model(BatchError::Model(m)) => Status::internal(format!("model error: {m}")),
-    }
-}
-
-/// Validate, tag (failing fast on a full queue when `fail_fast`), answer.
-async fn tag_one(state: &ApiState, r: TagRequest, fail_fast: bool) -> Result<TagResponse, Status> {
+/// Validate and tag (failing fast on a full queue unless `wait`), through the same call as
+/// REST ([`ApiState::tag`]); errors are [`ApiError`]s, answered as `Status` by the caller.
+async fn tag_one(state: &ApiState, r: TagRequest, wait: bool) -> Result<TagResponse, ApiError> {
     let input = TagInput {
         title: r.title,
         description: r.description,
@@ -56,24 +47,12 @@ async fn tag_one(state: &ApiState, r: TagRequest, fail_fast: bool) -> Result<Tag
         kind: r.kind,
         language: r.language,
     };
-    let (req, _kind) = validate::tag_request(input, &state.tagger, &state.limits).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let fut = async {
-        if fail_fast {
-            state.tagger.try_tag(&req).await
-        } else {
-            state.tagger.tag(&req).await
-        }
-    };
-    let res = tokio::time::timeout(state.limits.request_timeout, fut)
-        .await
-        .map_err(|_| Status::deadline_exceeded("tagging took longer than the request deadline"))?
-        .map_err(tag_status)?;
-    let m = state.tagger.model_ref();
+    let res = state.tag(input, wait).await?;
     Ok(TagResponse {
         tags: res.tags.into_iter().map(|t| Tag { label: t.label, score: t.score }).collect(),
         no_tags_reason: res.no_tags_reason,
-        strategy: format!("{:?}", state.tagger.strategy()).to_uppercase(),
-        model: format!("{}@{}", m.name, m.version),
+        strategy: res.strategy,
+        model: res.model,
         request_id: r.request_id,
         error: None,
     })
@@ -84,7 +63,7 @@ type TagStreamOut = Pin<Box<dyn Stream<Item = Result<TagResponse, Status>> + Sen
 #[tonic::async_trait]
 impl TaggerRpc for TaggerService {
     async fn tag(&self, request: Request<TagRequest>) -> Result<Response<TagResponse>, Status> {
-        tag_one(&self.state, request.into_inner(), true).await.map(Response::new)
+        tag_one(&self.state, request.into_inner(), false).await.map(Response::new).map_err(Status::from)
     }
 
     type TagStreamStream = TagStreamOut;
@@ -98,17 +77,18 @@ impl TaggerRpc for TaggerService {
                 async move {
                     let r = item?;
                     let id = r.request_id.clone();
-                    match tag_one(&state, r, false).await {
+                    match tag_one(&state, r, true).await {
                         Ok(resp) => Ok(resp),
-                        Err(s) if s.code() == tonic::Code::InvalidArgument => Ok(TagResponse {
+                        // A rejected item is answered in its response; the stream goes on.
+                        Err(e @ ApiError::InvalidField(_)) => Ok(TagResponse {
                             tags: vec![],
                             no_tags_reason: None,
                             strategy: String::new(),
                             model: String::new(),
                             request_id: id,
-                            error: Some(s.message().to_string()),
+                            error: Some(e.to_string()),
                         }),
-                        Err(s) => Err(s),
+                        Err(e) => Err(Status::from(e)),
                     }
                 }
             })
@@ -121,7 +101,7 @@ impl TaggerRpc for TaggerService {
 #[allow(clippy::result_large_err)]
 fn check(state: &ApiState, req: Request<()>) -> Result<Request<()>, Status> {
     let h = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-    state.auth.check_header(h).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    state.auth.check_header(h).map_err(|e| Status::from(ApiError::from(e)))?;
     Ok(req)
 }
 

@@ -7,7 +7,10 @@
 //!
 //! ## Layout
 //! - [`auth`]: bearer JWT (HS256 secret or RS256 JWKS; `exp`, `iss`, `aud`), shared by both.
-//! - [`rest`]: the axum router, its JSON error bodies and the OpenAPI document it serves.
+//! - [`error`]: [`ApiError`], the one error kind; it answers as an HTTP status + JSON body or
+//!   as a gRPC `Status`.
+//! - [`types`]: the REST request and answer types (and the JSON error body) in one place.
+//! - [`rest`]: the axum router, its handlers, health probes and the OpenAPI document it serves.
 //! - [`grpc`]: `streamoasis.v1.Tagger` (`Tag`, bidi `TagStream`) and server reflection.
 //! - [`validate`]: the checks a tagging request passes before it reaches the batcher, shared
 //!   by REST and gRPC so both reject the same input with the same field names.
@@ -21,12 +24,17 @@
 //! ([`Limits::request_timeout`], 504 / `DEADLINE_EXCEEDED`); `TagStream` keeps at most
 //! [`Limits::stream_concurrency`] items of one stream in flight (HTTP/2 flow control pushes
 //! back on the caller beyond).
+//!
+//! ## Health
+//! `/healthz` and `/readyz` answer from the shared [`Health`] with the model thread registered
+//! as a check ([`health`]): once it is gone both answer 503 naming it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::telemetry::Health;
 use streamoasis_pipeline::CancellationToken;
 use streamoasis_pipeline::topology::Topology;
 use streamoasis_sink::read::Reader;
@@ -35,8 +43,10 @@ use streamoasis_tagger::Tagger;
 use tokio::net::TcpListener;
 
 pub mod auth;
+pub mod error;
 pub mod grpc;
 pub mod rest;
+pub mod types;
 pub mod validate;
 
 /// Generated from `proto/streamoasis/v1/tagger.proto`.
@@ -48,6 +58,7 @@ pub mod proto {
 }
 
 pub use auth::Auth;
+pub use error::ApiError;
 
 /// Default REST address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -106,11 +117,53 @@ pub struct ApiState {
     pub auth: Auth,
     /// Request limits.
     pub limits: Limits,
+    /// What `/healthz` and `/readyz` answer ([`health`]).
+    pub health: Arc<Health>,
 }
 
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiState").field("auth", &self.auth).field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("ApiState").field("auth", &self.auth).field("limits", &self.limits).field("health", &self.health).finish_non_exhaustive()
+    }
+}
+
+/// Name of the model-thread check in [`Health`] (the 503 answers name it).
+pub const MODEL_THREAD: &str = "model thread";
+
+/// The API's [`Health`]: loaded (the state is built after the model), taking requests from the
+/// start (the API runs no consumer loop), and alive while `model_alive` says so
+/// ([`Tagger::is_alive`] in [`state`]). With the model thread gone, `/healthz` and `/readyz`
+/// both answer 503 naming it.
+pub fn health(model_alive: impl Fn() -> bool + Send + Sync + 'static) -> Arc<Health> {
+    let h = Health::new();
+    h.add_check(MODEL_THREAD, model_alive);
+    h.set_loaded(true);
+    h.set_consuming(true);
+    h
+}
+
+impl ApiState {
+    /// One tagging call as both protocols make it: checked ([`validate::tag_request`]), through
+    /// the batcher (`wait` for queue room, or fail at once with [`ApiError::Busy`]) within the
+    /// request deadline, answered with the strategy and model that scored it.
+    pub async fn tag(&self, input: validate::TagInput, wait: bool) -> Result<types::TagResponse, ApiError> {
+        let (req, kind) = validate::tag_request(input, &self.tagger, &self.limits)?;
+        let call = async {
+            if wait {
+                self.tagger.tag(&req).await
+            } else {
+                self.tagger.try_tag(&req).await
+            }
+        };
+        let r = tokio::time::timeout(self.limits.request_timeout, call).await.map_err(|_| ApiError::Timeout)??;
+        let m = self.tagger.model_ref();
+        Ok(types::TagResponse {
+            tags: r.tags.into_iter().map(|t| types::TagOut { label: t.label, score: t.score }).collect(),
+            no_tags_reason: r.no_tags_reason,
+            strategy: types::wire_name(&self.tagger.strategy()),
+            model: format!("{}@{}", m.name, m.version),
+            kind: kind.map(|k| types::wire_name(&k)),
+        })
     }
 }
 
@@ -142,7 +195,9 @@ pub async fn state(conn: &Connections, topo: &Topology, tagger: Arc<Tagger>, aut
         codec: Arc::new(Codec::new(&conn.registry)?),
         topic: topo.file.processors.tagger.input.clone(),
     };
-    Ok(ApiState { tagger, reader, ingest: Some(ingest), auth, limits })
+    let alive = tagger.clone();
+    let health = health(move || alive.is_alive());
+    Ok(ApiState { tagger, reader, ingest: Some(ingest), auth, limits, health })
 }
 
 /// The two listeners (bind with port 0 in tests and read `local_addr`).

@@ -1,17 +1,19 @@
-//! REST: the axum router, JSON error bodies and the OpenAPI document (generated from the
-//! handlers' annotations below, served at `/openapi.json`).
+//! REST: the axum router, its handlers, the health probes and the OpenAPI document (generated
+//! from the handlers' annotations below, served at `/openapi.json`). The request and answer
+//! types live in [`crate::types`].
 //!
-//! Every error is `{"error": {"code": "...", "message": "...", "field": "..."}}` with `field`
-//! naming the offending request field when there is one.
+//! Every error is an [`ApiError`], answered as
+//! `{"error": {"code": "...", "message": "...", "field": "..."}}` with `field` naming the
+//! offending request field when there is one (serde's path to the bad value for bodies and
+//! query strings, e.g. `items[3].kind`).
 
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,291 +21,73 @@ use axum::{Json, Router};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use rdkafka::producer::FutureRecord;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use streamoasis_sink::read::ReadError;
-use streamoasis_tagger::batcher::BatchError;
-use streamoasis_tagger::tagger::TagError;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use serde_json::Value;
+use streamoasis_pipeline::telemetry::Health;
+use utoipa::OpenApi;
 
-use crate::validate::{self, FieldError, MediaItem, TagInput};
+use crate::error::ApiError;
+use crate::types::{
+    Accepted, ByTagItem, ByTagQuery, ByTagResponse, ErrorBody, ErrorDetail, GenerateMetadataResponse, MediaBatch, MediaBody, MediaItem, MediaTagsResponse, Metadata, TagBody, TagOut,
+    TagResponse, MEDIA_BODY_SHAPE,
+};
+use crate::validate::{self, FieldError, TagInput};
 use crate::ApiState;
 
-// ───────────────────────────── errors ─────────────────────────────
+// ───────────────────────────── parsing ─────────────────────────────
 
-/// The JSON error body.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    /// The error.
-    pub error: ErrorDetail,
+/// The body's bytes: 413 over the limit.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| if r.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::BodyTooLarge } else { ApiError::BadBody(r.body_text()) })
 }
 
-/// What went wrong.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable code: `unauthorized`, `malformed_json`, `invalid_field`, `body_too_large`,
-    /// `busy`, `timeout`, `not_found`, `unavailable`, `internal`.
-    pub code: String,
-    /// Human-readable detail with the fix.
-    pub message: String,
-    /// The request field at fault, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
-
-/// An error answer.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    field: Option<String>,
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), field: None, retry_after: None }
-    }
-    fn field(e: FieldError) -> Self {
-        ApiError { field: Some(e.field), ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", e.message) }
-    }
-    fn unavailable(what: &str) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{what} is not configured in this process"))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message, field: self.field } };
-        let mut r = (self.status, Json(body)).into_response();
-        if let Some(s) = self.retry_after {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        r
-    }
-}
-
-fn tag_error(e: TagError) -> ApiError {
-    match e {
-        TagError::InvalidLabels(m) => ApiError::field(FieldError::new("candidate_labels", m)),
-        TagError::Model(BatchError::QueueFull) => ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", "the tagging queue is full: retry after the delay in Retry-After")
-        },
-        TagError::Model(BatchError::Overloaded(m)) => ApiError {
-            retry_after: Some(5),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the model is out of memory ({m}): retry later"))
-        },
-        TagError::Model(BatchError::Stopped) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the model is shutting down"),
-        TagError::Model(BatchError::Model(m)) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("model error: {m}")),
-    }
-}
-
-fn read_error(e: ReadError) -> ApiError {
-    match e {
-        ReadError::BadPageToken(_) => ApiError { field: Some("page".into()), ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string()) },
-        ReadError::Db(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("database: {m}")),
-    }
-}
-
-/// Parse a JSON body strictly: 413 over the limit, 400 for malformed JSON, 422 naming the field
-/// for unknown, missing or mistyped fields.
-fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body exceeds the limit: send fewer or shorter items")
-        } else {
-            ApiError::new(r.status(), "bad_body", r.body_text())
-        }
-    })?;
-    // Request bodies are JSON objects: serde would otherwise accept a struct written as an array.
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if matches!(first, Some(b'[')) {
-        return Err(ApiError::field(FieldError { field: "body".into(), message: "the body must be a JSON object, not an array".into() }));
-    }
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    let parsed: Result<T, _> = serde_path_to_error::deserialize(de);
-    let e = match parsed {
-        Ok(v) => {
-            return Ok(v);
-        }
-        Err(e) => e,
-    };
+/// A failed deserialisation: 400 for malformed JSON, else 422 naming the field at serde's path
+/// to the bad value (`body` when the body as a whole has the wrong shape).
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = e.path().to_string();
     let inner = e.into_inner();
-    let msg = inner.to_string();
-    if matches!(inner.classify(), serde_json::error::Category::Syntax | serde_json::error::Category::Eof | serde_json::error::Category::Io) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {msg}")));
+    match inner.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof | serde_json::error::Category::Io => ApiError::MalformedJson(inner.to_string()),
+        serde_json::error::Category::Data => ApiError::InvalidField(FieldError::new(if path == "." { "body".to_string() } else { path }, inner.to_string())),
     }
-    // "unknown field `x`" / "missing field `x`": name that field under the path.
-    let named = msg.split('`').nth(1).filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"));
-    let base = if path == "." { String::new() } else { path };
-    let field = match named {
-        Some(n) if base.is_empty() || base == n || base.ends_with(&format!(".{n}")) => if base.is_empty() { n.to_string() } else { base },
-        Some(n) => format!("{base}.{n}"),
-        None if base.is_empty() => "body".into(),
-        None => base,
+}
+
+/// Parse a JSON body strictly: 400 for malformed JSON, 422 naming the field for unknown or
+/// mistyped fields (required fields are checked by [`validate`], which names them too).
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Request bodies are JSON objects: serde would otherwise accept a struct written as an array.
+    if matches!(bytes.iter().find(|b| !b.is_ascii_whitespace()), Some(b'[')) {
+        return Err(FieldError::new("body", "the body must be a JSON object, not an array").into());
+    }
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes)).map_err(json_error)
+}
+
+/// The `POST /v1/media` body: a batch when it has an `items` key, else one item. A rejected
+/// top-level field is answered with the shape the body takes.
+fn parse_media(bytes: &[u8]) -> Result<MediaBody, ApiError> {
+    let with_shape = |e: ApiError| match e {
+        ApiError::InvalidField(f) if !f.field.contains(['.', '[']) => ApiError::InvalidField(FieldError::new(f.field, format!("{}: {MEDIA_BODY_SHAPE}", f.message))),
+        other => other,
     };
-    let fix = if msg.starts_with("unknown field") { " (remove it)" } else { "" };
-    Err(ApiError { field: Some(field), ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("{msg}{fix}")) })
+    let object: serde_json::Map<String, Value> = parse_json(bytes).map_err(with_shape)?;
+    let batch = object.contains_key("items");
+    let value = Value::Object(object);
+    let body = if batch { serde_path_to_error::deserialize(value).map(MediaBody::Batch) } else { serde_path_to_error::deserialize(value).map(MediaBody::One) };
+    body.map_err(|e| with_shape(json_error(e)))
 }
 
-// ───────────────────────────── types ─────────────────────────────
-
-/// `POST /v1/tag` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TagBody {
-    /// Title (required unless description or transcript has text).
-    #[serde(default)]
-    pub title: String,
-    /// Description.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Transcript or body text.
-    #[serde(default)]
-    pub transcript: Option<String>,
-    /// Labels replacing the taxonomy (1..=tagging.max_labels).
-    #[serde(default)]
-    pub candidate_labels: Option<Vec<String>>,
-    /// VIDEO, EPISODE, MOVIE, CLIP, TRAILER, LIVE, PODCAST, ARTICLE, ATTRACTION or OTHER
-    /// (chooses the prompt templates and score calibration).
-    #[serde(default)]
-    pub kind: Option<String>,
-    /// BCP 47 language tag; items in a language outside `tagging.languages` are not tagged
-    /// (`no_tags_reason: unsupported_language`).
-    #[serde(default)]
-    pub language: Option<String>,
-}
-
-/// One label and its score in [0, 1].
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
-pub struct TagOut {
-    /// Label.
-    pub label: String,
-    /// Score.
-    pub score: f32,
-}
-
-/// `POST /v1/tag` answer.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct TagResponse {
-    /// Tags, best first.
-    pub tags: Vec<TagOut>,
-    /// Why `tags` is empty, if it is.
-    pub no_tags_reason: Option<String>,
-    /// EMBEDDING or NLI.
-    pub strategy: String,
-    /// `name@version`.
-    pub model: String,
-    /// The request's kind, normalised (null when not given).
-    pub kind: Option<String>,
-}
-
-/// `GET /v1/media/{media_id}/tags` answer: what the sink stored.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct MediaTagsResponse {
-    /// The item.
-    pub media_id: String,
-    /// Tags, best first.
-    pub tags: Vec<TagOut>,
-    /// Media kind.
-    pub kind: Option<String>,
-    /// Title carried from the input.
-    pub title: Option<String>,
-    /// Source carried from the input.
-    pub source: Option<String>,
-    /// Language carried from the input.
-    pub language: Option<String>,
-    /// Attributes carried from the input.
-    pub attributes: HashMap<String, String>,
-    /// EMBEDDING or NLI.
-    pub strategy: Option<String>,
-    /// `name@version`.
-    pub model: Option<String>,
-    /// Ingest time, ms since the epoch.
-    pub ingested_at: Option<i64>,
-    /// Tagging time, ms since the epoch.
-    pub tagged_at: Option<i64>,
-}
-
-/// Query of `GET /v1/tags/{tag}/media`.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ByTagQuery {
-    /// Items per page, 1..=1000 (default 20).
-    pub limit: Option<usize>,
-    /// The `next_page` token of the previous page.
-    pub page: Option<String>,
-}
-
-/// One item carrying the tag.
-#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
-pub struct ByTagItem {
-    /// The item.
-    pub media_id: String,
-    /// Its score for the tag.
-    pub score: f32,
-    /// Tagging time, ms since the epoch.
-    pub tagged_at: Option<i64>,
-}
-
-/// A page of items carrying a tag, best first.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ByTagResponse {
-    /// The tag.
-    pub tag: String,
-    /// Best first.
-    pub items: Vec<ByTagItem>,
-    /// Opaque token of the next page (pass as `page`); null on the last page.
-    pub next_page: Option<String>,
-}
-
-/// `POST /v1/media` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MediaBatch {
-    /// 1..=1000 items; all are checked before any is sent.
-    pub items: Vec<MediaItem>,
-}
-
-/// `POST /v1/media` answer (202: on the ingest topic, acknowledged by Kafka).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Accepted {
-    /// The ids enqueued, in request order.
-    pub media_ids: Vec<String>,
-    /// The topic they went to.
-    pub topic: String,
-}
-
-/// `GET /generate-metadata/{video_id}` answer (the original service's route, kept for its
-/// callers): the stored tags of the item.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct GenerateMetadataResponse {
-    /// The item asked for.
-    pub video_id: String,
-    /// Its metadata.
-    pub metadata: Metadata,
-}
-
-/// The metadata of one item.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Metadata {
-    /// Tag labels, best first.
-    pub tags: Vec<String>,
-    /// Score per label.
-    pub scores: HashMap<String, f32>,
-    /// Title, when the input carried one.
-    pub title: Option<String>,
-    /// Language, when the input carried one.
-    pub language: Option<String>,
-    /// `name@version` of the model.
-    pub model: Option<String>,
-    /// Tagging time, ms since the epoch.
-    pub generated_at: Option<i64>,
+/// A query string axum could not deserialise: 400 naming the parameter at serde's path (axum
+/// keeps the `serde_path_to_error` error as the rejection's source).
+fn query_error(r: QueryRejection) -> ApiError {
+    let mut source = std::error::Error::source(&r);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<serde_path_to_error::Error<serde::de::value::Error>>() {
+            let path = e.path().to_string();
+            let field = if path == "." { "query".to_string() } else { path };
+            return ApiError::InvalidQuery(FieldError::new(field, e.inner().to_string()));
+        }
+        source = e.source();
+    }
+    ApiError::InvalidQuery(FieldError::new("query", r.body_text()))
 }
 
 // ───────────────────────────── handlers ─────────────────────────────
@@ -317,24 +101,13 @@ pub struct Metadata {
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "A field is invalid (named in `field`)", body = ErrorBody),
         (status = 429, description = "Tagging queue full; retry after `Retry-After` seconds", body = ErrorBody),
+        (status = 503, description = "The model cannot serve now (out of memory: retry after `Retry-After` seconds; shutting down)", body = ErrorBody),
         (status = 504, description = "Deadline exceeded", body = ErrorBody)),
     security(("bearer_jwt" = [])))]
 async fn tag(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<TagResponse>, ApiError> {
-    let b: TagBody = parse_json(body)?;
+    let b: TagBody = parse_json(&read_body(body)?)?;
     let input = TagInput { title: b.title, description: b.description, transcript: b.transcript, candidate_labels: b.candidate_labels, kind: b.kind, language: b.language };
-    let (req, kind) = validate::tag_request(input, &st.tagger, &st.limits).map_err(ApiError::field)?;
-    let r = tokio::time::timeout(st.limits.request_timeout, st.tagger.try_tag(&req))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "tagging took longer than the request deadline"))?
-        .map_err(tag_error)?;
-    let m = st.tagger.model_ref();
-    Ok(Json(TagResponse {
-        tags: r.tags.into_iter().map(|t| TagOut { label: t.label, score: t.score }).collect(),
-        no_tags_reason: r.no_tags_reason,
-        strategy: format!("{:?}", st.tagger.strategy()).to_uppercase(),
-        model: format!("{}@{}", m.name, m.version),
-        kind: kind.map(|k| serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
-    }))
+    Ok(Json(st.tag(input, false).await?))
 }
 
 /// What the sink stored for one item.
@@ -346,8 +119,8 @@ async fn tag(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection
         (status = 404, description = "Not tagged (yet)", body = ErrorBody)),
     security(("bearer_jwt" = [])))]
 async fn media_tags(State(st): State<Arc<ApiState>>, Path(media_id): Path<String>) -> Result<Json<MediaTagsResponse>, ApiError> {
-    let reader = st.reader.as_ref().ok_or_else(|| ApiError::unavailable("the database"))?;
-    let rec = reader.media(&media_id).await.map_err(read_error)?.ok_or_else(|| not_found(&media_id))?;
+    let reader = st.reader.as_ref().ok_or_else(|| ApiError::not_configured("the database"))?;
+    let rec = reader.media(&media_id).await?.ok_or_else(|| not_found(&media_id))?;
     Ok(Json(MediaTagsResponse {
         media_id: rec.media_id,
         tags: rec.tags.into_iter().map(|(label, score)| TagOut { label, score }).collect(),
@@ -364,7 +137,7 @@ async fn media_tags(State(st): State<Arc<ApiState>>, Path(media_id): Path<String
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no tags stored for '{id}' (not ingested, or not tagged yet)"))
+    ApiError::NotFound(format!("no tags stored for '{id}' (not ingested, or not tagged yet)"))
 }
 
 /// Items carrying a tag, best first, one page at a time.
@@ -376,20 +149,13 @@ fn not_found(id: &str) -> ApiError {
         (status = 401, description = "Missing or invalid token", body = ErrorBody)),
     security(("bearer_jwt" = [])))]
 async fn by_tag(State(st): State<Arc<ApiState>>, Path(tag): Path<String>, q: Result<Query<ByTagQuery>, QueryRejection>) -> Result<Json<ByTagResponse>, ApiError> {
-    let Query(q) = q.map_err(|e| {
-        let text = e.body_text();
-        let field = if text.contains("limit") { "limit" } else if text.contains("page") { "page" } else { "query" };
-        ApiError { field: Some(field.into()), ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", text) }
-    })?;
+    let Query(q) = q.map_err(query_error)?;
     let limit = q.limit.unwrap_or(20);
     if limit == 0 || limit > st.limits.max_page {
-        return Err(ApiError {
-            field: Some("limit".into()),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", format!("{limit} is out of range: use 1..={}", st.limits.max_page))
-        });
+        return Err(ApiError::InvalidQuery(FieldError::new("limit", format!("{limit} is out of range: use 1..={}", st.limits.max_page))));
     }
-    let reader = st.reader.as_ref().ok_or_else(|| ApiError::unavailable("the database"))?;
-    let page = reader.by_tag(&tag, limit, q.page.as_deref().filter(|p| !p.is_empty())).await.map_err(read_error)?;
+    let reader = st.reader.as_ref().ok_or_else(|| ApiError::not_configured("the database"))?;
+    let page = reader.by_tag(&tag, limit, q.page.as_deref().filter(|p| !p.is_empty())).await?;
     Ok(Json(ByTagResponse {
         tag,
         items: page.items.into_iter().map(|i| ByTagItem { media_id: i.media_id, score: i.score, tagged_at: i.tagged_at }).collect(),
@@ -397,30 +163,34 @@ async fn by_tag(State(st): State<Arc<ApiState>>, Path(tag): Path<String>, q: Res
     }))
 }
 
-/// Enqueue items to the ingest topic (answered once Kafka acknowledged every one).
-#[utoipa::path(post, path = "/v1/media", request_body = MediaBatch,
+/// Enqueue items to the ingest topic (answered once Kafka acknowledged every one). The body is
+/// a batch `{"items": [item, ...]}` or one item on its own.
+#[utoipa::path(post, path = "/v1/media", request_body = MediaBody,
     responses(
         (status = 202, description = "Enqueued", body = Accepted),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "A field is invalid (named in `field`); nothing was sent", body = ErrorBody)),
+        (status = 422, description = "A field is invalid (named in `field`: `items[i].<field>` in a batch, `<field>` for one item); nothing was sent", body = ErrorBody)),
     security(("bearer_jwt" = [])))]
 async fn post_media(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let b: MediaBatch = parse_json(body)?;
-    let ingest = st.ingest.as_ref().ok_or_else(|| ApiError::unavailable("the ingest producer"))?;
-    let events = validate::media_items(b.items, &st.tagger, &st.limits).map_err(ApiError::field)?;
+    let body = parse_media(&read_body(body)?)?;
+    let ingest = st.ingest.as_ref().ok_or_else(|| ApiError::not_configured("the ingest producer"))?;
+    let events = match body {
+        MediaBody::Batch(b) => validate::media_items(b.items, &st.tagger, &st.limits)?,
+        MediaBody::One(item) => vec![validate::media_item(item, &st.tagger, &st.limits)?],
+    };
     // Encode all first: a registry failure sends nothing.
     let mut payloads = Vec::with_capacity(events.len());
     for e in &events {
-        let p = ingest.codec.encode(&ingest.topic, e).await.map_err(|x| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("schema registry: {x}")))?;
+        let p = ingest.codec.encode(&ingest.topic, e).await.map_err(|x| ApiError::unavailable(format!("schema registry: {x}")))?;
         payloads.push(p);
     }
     let sends = events.iter().zip(&payloads).map(|(e, p)| {
         ingest.producer.send(FutureRecord::to(&ingest.topic).key(&e.media_id).payload(p), st.limits.request_timeout)
     });
     for r in futures::future::join_all(sends).await {
-        r.map_err(|(x, _)| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("kafka: {x}")))?;
+        r.map_err(|(x, _)| ApiError::unavailable(format!("kafka: {x}")))?;
     }
     Ok((StatusCode::ACCEPTED, Json(Accepted { media_ids: events.into_iter().map(|e| e.media_id).collect(), topic: ingest.topic.clone() })))
 }
@@ -437,8 +207,8 @@ async fn post_media(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRe
         (status = 404, description = "Not tagged (yet)", body = ErrorBody)),
     security(("bearer_jwt" = [])))]
 async fn generate_metadata(State(st): State<Arc<ApiState>>, Path(video_id): Path<String>) -> Result<Json<GenerateMetadataResponse>, ApiError> {
-    let reader = st.reader.as_ref().ok_or_else(|| ApiError::unavailable("the database"))?;
-    let rec = reader.media(&video_id).await.map_err(read_error)?.ok_or_else(|| not_found(&video_id))?;
+    let reader = st.reader.as_ref().ok_or_else(|| ApiError::not_configured("the database"))?;
+    let rec = reader.media(&video_id).await?.ok_or_else(|| not_found(&video_id))?;
     Ok(Json(GenerateMetadataResponse {
         video_id,
         metadata: Metadata {
@@ -452,16 +222,28 @@ async fn generate_metadata(State(st): State<Arc<ApiState>>, Path(video_id): Path
     }))
 }
 
-/// Liveness.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Alive")))]
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Liveness from the shared [`Health`]: 503 naming what failed (e.g. the model thread).
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Alive: `ok`"), (status = 503, description = "Not alive: the reason, e.g. `model thread is not running`")))]
+async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    match health.alive() {
+        Ok(()) => (StatusCode::OK, "ok".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
-/// Readiness: the model is loaded (the process cannot serve before).
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready")))]
-async fn readyz() -> &'static str {
-    "ready\n"
+/// Readiness from the shared [`Health`]: a process that is not alive is not ready either, so a
+/// dead model thread takes it out of the load balancer at once.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready: `ready`"), (status = 503, description = "Not ready: the reason, e.g. `model thread is not running`")))]
+async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    match health.alive().and_then(|()| health.ready()) {
+        Ok(()) => (StatusCode::OK, "ready".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// `/healthz` and `/readyz` on `health` (open routes), for a router of any state.
+pub fn health_router<S: Clone + Send + Sync + 'static>(health: Arc<Health>) -> Router<S> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
 }
 
 /// Prometheus metrics.
@@ -475,7 +257,7 @@ async fn openapi_json() -> impl IntoResponse {
 }
 
 async fn fallback() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route: see /openapi.json")
+    ApiError::NotFound("no such route: see /openapi.json".into())
 }
 
 // ───────────────────────────── plumbing ─────────────────────────────
@@ -494,7 +276,7 @@ impl utoipa::Modify for Security {
 #[openapi(
     info(title = "streamoasis", description = "Zero-shot media tagging: synchronous tagging on the stream's batcher, the stored tags, enqueueing."),
     paths(tag, media_tags, by_tag, post_media, generate_metadata, healthz, readyz, metrics),
-    components(schemas(ErrorBody, ErrorDetail, TagBody, TagOut, TagResponse, MediaTagsResponse, ByTagItem, ByTagResponse, MediaBatch, MediaItem, Accepted, GenerateMetadataResponse, Metadata)),
+    components(schemas(ErrorBody, ErrorDetail, TagBody, TagOut, TagResponse, MediaTagsResponse, ByTagItem, ByTagResponse, MediaBody, MediaBatch, MediaItem, Accepted, GenerateMetadataResponse, Metadata)),
     modifiers(&Security)
 )]
 struct ApiDoc;
@@ -537,7 +319,7 @@ async fn require_auth(State(st): State<Arc<ApiState>>, req: Request, next: Next)
     let h = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match st.auth.check_header(h) {
         Ok(_) => next.run(req).await,
-        Err(e) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -551,8 +333,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/generate-metadata/{video_id}", get(generate_metadata))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .merge(health_router(state.health.clone()))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .merge(protected)
@@ -560,4 +341,139 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(middleware::from_fn(observe))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use streamoasis_tagger::batcher::{Backend, Batch, Batcher, BatcherConfig};
+
+    use super::*;
+
+    /// The kind's code and field, and the message, of a rejected body.
+    fn rejected<T: std::fmt::Debug>(r: Result<T, ApiError>) -> (&'static str, Option<String>, String) {
+        let e = r.unwrap_err();
+        (e.code(), e.field().map(String::from), e.message())
+    }
+
+    #[test]
+    fn body_errors_name_the_field_at_serdes_path() {
+        let tag = |b: &str| rejected(parse_json::<TagBody>(b.as_bytes()));
+        assert_eq!(tag(r#"{"title": "x", "colour": "red"}"#).1.as_deref(), Some("colour"));
+        assert_eq!(tag(r#"{"title": 5}"#).1.as_deref(), Some("title"));
+        assert_eq!(tag(r#"{"title": "x", "candidate_labels": ["a", 7]}"#).1.as_deref(), Some("candidate_labels[1]"));
+        assert_eq!(tag(r#"["title"]"#), ("invalid_field", Some("body".into()), "the body must be a JSON object, not an array".into()));
+        assert_eq!(tag(r#""title""#).1.as_deref(), Some("body"));
+        let (code, field, _) = tag(r#"{"title": "#);
+        assert_eq!((code, field), ("malformed_json", None));
+
+        let media = |b: &str| rejected(parse_media(b.as_bytes()));
+        assert_eq!(media(r#"{"items": [{"media_id": "a", "title": "x"}, {"media_id": "b", "title": "y", "colour": 1}]}"#).1.as_deref(), Some("items[1].colour"));
+        assert_eq!(media(r#"{"items": [{"media_id": "a", "title": 5}]}"#).1.as_deref(), Some("items[0].title"));
+        assert_eq!(media(r#"{"items": {"media_id": "a"}}"#).1.as_deref(), Some("items"));
+        // A top-level field that fits neither shape: the answer says what shape the body takes.
+        let (code, field, message) = media(r#"{"media_id": "a", "title": "x", "colour": "red"}"#);
+        assert_eq!((code, field.as_deref()), ("invalid_field", Some("colour")));
+        assert!(message.starts_with("unknown field `colour`, expected one of `media_id`, `title`") && message.ends_with(&format!(": {MEDIA_BODY_SHAPE}")), "{message}");
+        let (_, field, message) = media(r#"{"items": [], "media_id": "a"}"#);
+        assert_eq!(field.as_deref(), Some("media_id"));
+        assert_eq!(message, format!("unknown field `media_id`, expected `items`: {MEDIA_BODY_SHAPE}"));
+        assert_eq!(media(r#"[{"media_id": "a"}]"#).1.as_deref(), Some("body"));
+        assert_eq!(media(r#"{"media_id": "#).0, "malformed_json");
+    }
+
+    #[test]
+    fn media_body_is_one_item_or_a_batch() {
+        match parse_media(br#"{"media_id": "m1", "title": "One", "kind": "CLIP"}"#).unwrap() {
+            MediaBody::One(i) => assert_eq!((i.media_id.as_deref(), i.title.as_deref(), i.kind.as_deref()), (Some("m1"), Some("One"), Some("CLIP"))),
+            other => panic!("{other:?}"),
+        }
+        match parse_media(br#"{"items": [{"media_id": "m1", "title": "One"}, {"media_id": "m2", "title": "Two"}]}"#).unwrap() {
+            MediaBody::Batch(b) => assert_eq!(b.items.iter().map(|i| i.media_id.as_deref().unwrap()).collect::<Vec<_>>(), ["m1", "m2"]),
+            other => panic!("{other:?}"),
+        }
+        // Required fields are left to the checks, which name them.
+        match parse_media(br#"{"title": "no id"}"#).unwrap() {
+            MediaBody::One(i) => assert_eq!((i.media_id, i.title.as_deref()), (None, Some("no id"))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_errors_name_the_parameter_at_serdes_path() {
+        let q = |s: &str| Query::<ByTagQuery>::try_from_uri(&format!("/v1/tags/sport/media?{s}").parse::<axum::http::Uri>().unwrap()).map(|Query(q)| q);
+        for (query, field) in [("limit=abc", "limit"), ("limit=-1", "limit"), ("page=x&limit=1.5", "limit")] {
+            let e = query_error(q(query).unwrap_err());
+            assert_eq!((e.status(), e.code(), e.field()), (StatusCode::BAD_REQUEST, "invalid_field", Some(field)), "{query}: {e:?}");
+        }
+        let ok = q("limit=5&page=abc").unwrap();
+        assert_eq!((ok.limit, ok.page.as_deref()), (Some(5), Some("abc")));
+    }
+
+    /// A model backend whose thread dies as it starts.
+    struct DiesOnStart;
+    impl Backend for DiesOnStart {
+        fn on_start(&mut self) {
+            panic!("model thread dies (test)");
+        }
+        fn forward(&mut self, _: &Batch) -> Result<Vec<Vec<f32>>, String> {
+            unreachable!("never started")
+        }
+    }
+
+    async fn probe(base: &str, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// `/healthz` and `/readyz` answer from the shared `Health` with the model thread's
+    /// liveness: 200 while it runs, 503 naming it once it is gone (a real batcher whose model
+    /// thread died, no broker needed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_answers_503_naming_a_dead_model_thread() {
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = running.clone();
+        let app: Router = health_router(crate::health(move || flag.load(Ordering::SeqCst)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        assert_eq!(probe(&base, "/healthz").await, (200, "ok".into()));
+        assert_eq!(probe(&base, "/readyz").await, (200, "ready".into()));
+        running.store(false, Ordering::SeqCst);
+        assert_eq!(probe(&base, "/healthz").await, (503, "model thread is not running".into()));
+        assert_eq!(probe(&base, "/readyz").await, (503, "model thread is not running".into()));
+        server.abort();
+
+        // The same with a real batcher whose model thread died.
+        let batcher = Batcher::spawn(DiesOnStart, BatcherConfig { max_batch_size: 4, max_batch_tokens: 1024, max_wait: Duration::ZERO, queue_capacity: 4 });
+        let b = batcher.clone();
+        let app: Router = health_router(crate::health(move || b.is_alive()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while batcher.is_alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(probe(&base, "/healthz").await, (503, "model thread is not running".into()));
+        assert_eq!(probe(&base, "/readyz").await, (503, "model thread is not running".into()));
+        server.abort();
+    }
+
+    #[test]
+    fn openapi_documents_both_media_body_shapes_and_the_health_503() {
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let body = &doc["paths"]["/v1/media"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+        assert_eq!(body["$ref"], "#/components/schemas/MediaBody", "{body}");
+        let shapes = &doc["components"]["schemas"]["MediaBody"]["oneOf"];
+        assert_eq!(shapes, &serde_json::json!([{"$ref": "#/components/schemas/MediaBatch"}, {"$ref": "#/components/schemas/MediaItem"}]), "{}", doc["components"]["schemas"]["MediaBody"]);
+        let item = &doc["components"]["schemas"]["MediaItem"];
+        assert_eq!(item["required"], serde_json::json!(["media_id", "title"]), "{item}");
+        assert_eq!(item["properties"]["media_id"]["type"], "string", "{item}");
+        for p in ["/healthz", "/readyz"] {
+            assert!(doc["paths"][p]["get"]["responses"]["503"].is_object(), "{p}");
+        }
+    }
 }

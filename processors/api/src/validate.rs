@@ -1,12 +1,11 @@
 //! Checks shared by REST and gRPC: a request either passes whole or is rejected naming the
 //! field and the fix, before anything reaches the batcher or Kafka.
 
-use std::collections::HashMap;
-
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind};
 use streamoasis_tagger::tagger::TagError;
 use streamoasis_tagger::{TagRequest, Tagger};
 
+pub use crate::types::MediaItem;
 use crate::Limits;
 
 /// A rejected field.
@@ -93,38 +92,8 @@ pub fn tag_request(input: TagInput, tagger: &Tagger, limits: &Limits) -> Result<
     Ok((req, kind))
 }
 
-/// One item of `POST /v1/media`, as received.
-#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MediaItem {
-    /// Stable identifier (the record key).
-    pub media_id: String,
-    /// Display title.
-    pub title: String,
-    /// VIDEO, EPISODE, MOVIE, CLIP, TRAILER, LIVE, PODCAST, ARTICLE, ATTRACTION or OTHER (default OTHER).
-    #[serde(default)]
-    pub kind: Option<String>,
-    /// Synopsis.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Transcript or body.
-    #[serde(default)]
-    pub transcript: Option<String>,
-    /// BCP 47 language tag.
-    #[serde(default)]
-    pub language: Option<String>,
-    /// Producing system (default `streamoasis-api`).
-    #[serde(default)]
-    pub source: Option<String>,
-    /// Free-form attributes, carried through untouched.
-    #[serde(default)]
-    pub attributes: HashMap<String, String>,
-    /// Labels replacing the taxonomy for this item.
-    #[serde(default)]
-    pub candidate_labels: Option<Vec<String>>,
-}
-
-/// Check every item (all or nothing) and build the events.
+/// Check every item of a batch (all or nothing) and build the events; fields are named
+/// `items[i].<field>`.
 pub fn media_items(items: Vec<MediaItem>, tagger: &Tagger, limits: &Limits) -> Result<Vec<MediaIngested>, FieldError> {
     if items.is_empty() {
         return Err(FieldError::new("items", "empty: send at least one item"));
@@ -137,37 +106,49 @@ pub fn media_items(items: Vec<MediaItem>, tagger: &Tagger, limits: &Limits) -> R
     let mut out = Vec::with_capacity(items.len());
     for (i, it) in items.into_iter().enumerate() {
         let p = format!("items[{i}].");
-        let id = it.media_id.trim();
-        if id.is_empty() {
-            return Err(FieldError::new(format!("{p}media_id"), "empty: every item needs a stable identifier"));
+        let e = media_event(it, now, tagger, limits).map_err(|e| e.prefixed(&p))?;
+        if !seen.insert(e.media_id.clone()) {
+            return Err(FieldError::new(format!("{p}media_id"), format!("'{}' appears twice in this request", e.media_id)));
         }
-        if id.len() > 512 {
-            return Err(FieldError::new(format!("{p}media_id"), "longer than 512 bytes"));
-        }
-        if !seen.insert(id.to_string()) {
-            return Err(FieldError::new(format!("{p}media_id"), format!("'{id}' appears twice in this request")));
-        }
-        let input = TagInput {
-            title: it.title.clone(),
-            description: it.description.clone(),
-            transcript: it.transcript.clone(),
-            candidate_labels: it.candidate_labels.clone(),
-            kind: it.kind.clone(),
-            language: it.language.clone(),
-        };
-        let (req, kind) = tag_request(input, tagger, limits).map_err(|e| e.prefixed(&p))?;
-        out.push(MediaIngested {
-            media_id: id.to_string(),
-            kind: kind.unwrap_or_default(),
-            title: req.title,
-            description: req.description,
-            transcript: req.transcript,
-            language: it.language,
-            source: it.source.unwrap_or_else(|| "streamoasis-api".into()),
-            ingested_at: now,
-            attributes: it.attributes,
-            candidate_labels: req.candidate_labels,
-        });
+        out.push(e);
     }
     Ok(out)
+}
+
+/// Check one item sent on its own (the body is the item) and build its event; fields are named
+/// as in the item (`media_id`, `kind`, ...).
+pub fn media_item(item: MediaItem, tagger: &Tagger, limits: &Limits) -> Result<MediaIngested, FieldError> {
+    media_event(item, now_millis(), tagger, limits)
+}
+
+fn media_event(it: MediaItem, now: i64, tagger: &Tagger, limits: &Limits) -> Result<MediaIngested, FieldError> {
+    let id = it.media_id.as_deref().ok_or_else(|| FieldError::new("media_id", "missing: every item needs a stable identifier"))?.trim();
+    if id.is_empty() {
+        return Err(FieldError::new("media_id", "empty: every item needs a stable identifier"));
+    }
+    if id.len() > 512 {
+        return Err(FieldError::new("media_id", "longer than 512 bytes"));
+    }
+    let title = it.title.ok_or_else(|| FieldError::new("title", "missing: every item needs a title (it may be empty when description or transcript has text)"))?;
+    let input = TagInput {
+        title,
+        description: it.description,
+        transcript: it.transcript,
+        candidate_labels: it.candidate_labels,
+        kind: it.kind,
+        language: it.language.clone(),
+    };
+    let (req, kind) = tag_request(input, tagger, limits)?;
+    Ok(MediaIngested {
+        media_id: id.to_string(),
+        kind: kind.unwrap_or_default(),
+        title: req.title,
+        description: req.description,
+        transcript: req.transcript,
+        language: it.language,
+        source: it.source.unwrap_or_else(|| "streamoasis-api".into()),
+        ingested_at: now,
+        attributes: it.attributes,
+        candidate_labels: req.candidate_labels,
+    })
 }

@@ -240,6 +240,9 @@ async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
         let r = fx.client.get(format!("{}{path}", fx.http)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
+    for (path, answer) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        assert_eq!(fx.client.get(format!("{}{path}", fx.http)).send().await.unwrap().text().await.unwrap(), answer, "{path}");
+    }
     let doc: Value = fx.client.get(format!("{}/openapi.json", fx.http)).send().await.unwrap().json().await.unwrap();
     for p in ["/v1/tag", "/v1/media/{media_id}/tags", "/v1/tags/{tag}/media", "/v1/media", "/generate-metadata/{video_id}"] {
         assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
@@ -548,7 +551,19 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     assert_eq!(error_field(&v), "items[1].media_id");
     let (s, v) = fx.post("/v1/media", &json!({"items": [{"media_id": "a", "title": "x", "kind": "HOLOGRAM"}]})).await;
     assert_eq!((s, error_field(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "items[0].kind"));
+    let (s, v) = fx.post("/v1/media", &json!({"items": [{"media_id": "b"}]})).await;
+    assert_eq!((s, error_field(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "items[0].title"), "{v}");
+    // One item on its own: its fields are named as in the item.
+    let (s, v) = fx.post("/v1/media", &json!({"media_id": "a", "title": "x", "kind": "HOLOGRAM"})).await;
+    assert_eq!((s, error_field(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "kind"), "{v}");
+    let (s, v) = fx.post("/v1/media", &json!({"title": "no id"})).await;
+    assert_eq!((s, error_field(&v), &v["error"]["message"]), (StatusCode::UNPROCESSABLE_ENTITY, "media_id", &json!("missing: every item needs a stable identifier")));
     assert_eq!(fx.end_offsets(&input), before);
+    let one = "Quarterly profits beat forecasts as shares jump";
+    let (s, v) = fx.post("/v1/media", &json!({"media_id": "one-1", "title": one, "kind": "ARTICLE"})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v, json!({"media_ids": ["one-1"], "topic": input}));
+    assert_eq!(fx.end_offsets(&input), before + 1);
 
     let sports = ["The striker scored a hat-trick in the cup final", "The tennis champion won in straight sets", "The marathon runner broke the course record"];
     let items: Vec<Value> = sports
@@ -559,7 +574,7 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     let (s, v) = fx.post("/v1/media", &json!({"items": items})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["media_ids"], json!(["s0", "s1", "s2"]));
-    assert_eq!(fx.end_offsets(&input), before + 3);
+    assert_eq!(fx.end_offsets(&input), before + 4);
     let want: HashSet<String> = (0..3).map(|i| format!("s{i}")).collect();
     eventually!(120, "3 items stored under sport", by_tag_ids(&fx, "sport").await == want);
     let v = stored_tags(&fx, "s1").await.unwrap();
@@ -568,6 +583,9 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     assert_eq!(v["language"], "en");
     assert_eq!(v["attributes"]["n"], "1");
     assert_eq!(v["kind"], "CLIP");
+    eventually!(120, "the single item stored", stored_tags(&fx, "one-1").await.is_some());
+    let v = stored_tags(&fx, "one-1").await.unwrap();
+    assert_eq!((&v["title"], &v["kind"], &v["source"], &v["tags"][0]["label"]), (&json!(one), &json!("ARTICLE"), &json!("streamoasis-api"), &json!("business")), "{v}");
 
     // Taxonomy change: "sport" becomes "athletics" (SIGHUP's reload), then retag.
     let file = std::env::temp_dir().join(format!("so-topology-{}.yaml", uuid::Uuid::new_v4().simple()));
@@ -582,7 +600,7 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
 
     let o = ops::RetagOptions { topic: input.clone(), start: ops::Start::Beginning, media_ids: Some(HashSet::from(["s0".into(), "s2".into()])), rate: 50.0, progress: false };
     let s = ops::retag(&fx.conn.kafka, &Default::default(), &o).await.unwrap();
-    assert_eq!(s, ops::Summary { read: 3, sent: 2, skipped: 1, unavailable: 0 });
+    assert_eq!(s, ops::Summary { read: 4, sent: 2, skipped: 2, unavailable: 0 });
     let moved: HashSet<String> = ["s0".to_string(), "s2".to_string()].into();
     eventually!(120, "s0, s2 moved to athletics", by_tag_ids(&fx, "athletics").await == moved && by_tag_ids(&fx, "sport").await == HashSet::from(["s1".to_string()]));
     assert_eq!(stored_tags(&fx, "s0").await.unwrap()["tags"][0]["label"], "athletics");
