@@ -214,13 +214,19 @@ async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
         ("expired", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, claims(now_secs() - 3600, AUDIENCE))))),
         ("wrong audience", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, claims(now_secs() + 300, "someone-else"))))),
         ("wrong issuer", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, json!({"exp": now_secs() + 300, "iss": "x", "aud": AUDIENCE}))))),
-        ("wrong HS256 key", Some(format!("Bearer {}", sign(Algorithm::HS256, &EncodingKey::from_secret(b"not-the-secret-not-the-secret-!!"), None, claims(now_secs() + 300, AUDIENCE))))),
+        (
+            "wrong HS256 key",
+            Some(format!("Bearer {}", sign(Algorithm::HS256, &EncodingKey::from_secret(b"not-the-secret-not-the-secret-!!"), None, claims(now_secs() + 300, AUDIENCE)))),
+        ),
         ("wrong RS256 key", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&b.pem).unwrap(), Some("key-a"), claims(now_secs() + 300, AUDIENCE))))),
         ("unknown kid", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-z"), claims(now_secs() + 300, AUDIENCE))))),
         ("garbage", Some("Bearer not.a.jwt".into())),
         ("alg none, unsigned", Some(format!("Bearer {alg_none}"))),
         ("no exp", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, json!({"sub": "t", "iss": ISSUER, "aud": AUDIENCE}))))),
-        ("key a under kid key-b", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-b"), claims(now_secs() + 300, AUDIENCE))))),
+        (
+            "key a under kid key-b",
+            Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-b"), claims(now_secs() + 300, AUDIENCE)))),
+        ),
         ("RS256 without kid", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), None, claims(now_secs() + 300, AUDIENCE))))),
     ];
     for (what, h) in &cases {

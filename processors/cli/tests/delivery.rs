@@ -58,12 +58,7 @@ async fn assert_newest_wins(env: &Env, v2s: &HashMap<String, MediaIngested>, eve
     let session = cql().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let rows = session
-            .query_unpaged(format!("SELECT media_id, ingested_at, top_tag FROM {ks}.media_tags"), ())
-            .await
-            .unwrap()
-            .into_rows_result()
-            .unwrap();
+        let rows = session.query_unpaged(format!("SELECT media_id, ingested_at, top_tag FROM {ks}.media_tags"), ()).await.unwrap().into_rows_result().unwrap();
         let rows: Vec<(String, scylla::value::CqlTimestamp, Option<String>)> = rows.rows().unwrap().collect::<Result<_, _>>().unwrap();
         let newest = rows.iter().filter(|(id, at, _)| v2s.get(id).is_some_and(|v| v.ingested_at == at.0)).count();
         if newest == v2s.len() && rows.len() == v2s.len() {

@@ -182,3 +182,42 @@ fn a_drain_overrunning_drain_timeout_stops_at_the_timeout_and_the_rest_is_redeli
     got.dedup();
     assert_eq!(got, ids, "every item tagged after the redelivery");
 }
+
+/// A minimal HTTP/1.0 POST of a JSON body: the status code.
+fn http_post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_api_healthz_fails_when_its_model_thread_dies() {
+    let t = topology("api-model-dead");
+    t.apply();
+    let (http, grpc) = (free_addr(), free_addr());
+    let log = t.dir.join("api.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = t
+        .cmd()
+        .args(["api", "--addr", &http.to_string(), "--grpc-addr", &grpc.to_string(), "--insecure-no-auth"])
+        .env(MODEL_EXIT_HOOK, "1")
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let p = Proc { child, log, metrics: http };
+    assert!(wait_until(Duration::from_secs(180), || p.get("/healthz").map(|r| r.0) == Some(200)), "/healthz never 200; log:\n{}", p.log());
+    // One request: the model thread's one batch, after which it exits.
+    assert_eq!(http_post_json(http, "/v1/tag", r#"{"title": "The cup final went to penalties"}"#), Some(200), "log:\n{}", p.log());
+    let mut last = None;
+    let failed = wait_until(Duration::from_secs(60), || {
+        last = p.get("/healthz");
+        last.as_ref().is_some_and(|r| r.0 == 503)
+    });
+    assert!(failed, "the API's /healthz still {last:?} 60 s after its model thread exited (is the {MODEL_EXIT_HOOK} hook there?); log:\n{}", p.log());
+    assert!(last.unwrap().1.contains("model thread"), "/healthz says why");
+    assert_ne!(p.get("/readyz").map(|r| r.0), Some(200), "not ready without a model");
+}

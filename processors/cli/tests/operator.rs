@@ -24,9 +24,7 @@ type Rec = (i32, i64, String, Option<Vec<u8>>, Vec<(String, String)>);
 /// Every record of `topic`, from the beginning to its end.
 fn records(topic: &str) -> Vec<Rec> {
     let mut cc = client_config(&kafka(), &BTreeMap::new());
-    cc.set("group.id", format!("operator-reader-{}", uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
+    cc.set("group.id", format!("operator-reader-{}", uuid::Uuid::new_v4().simple())).set("enable.auto.commit", "false").set("enable.partition.eof", "true");
     let c: BaseConsumer = cc.create().unwrap();
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -76,7 +74,7 @@ fn sighup_reloads_the_labels_of_a_running_tagger_and_keeps_them_on_a_bad_file() 
     let codec = Codec::new(&registry()).unwrap();
     let tags_of = |id: &str| -> Option<Vec<String>> {
         let rec = records(&t.output).into_iter().find(|r| r.2 == id)?;
-        let e: MediaTagged = rt.block_on(codec.decode(rec.3.as_deref())).unwrap().event;
+        let e: MediaTagged = rt.block_on(codec.decode::<MediaTagged>(rec.3.as_deref())).unwrap().event;
         Some(e.tags.into_iter().map(|t| t.label).collect())
     };
     let mut before = None;
@@ -159,7 +157,7 @@ fn dlq_replay_as_a_command_filters_by_kind_and_time_and_restores_payload_less_le
     let send = |topic: &str, key: &str, payload: Option<&[u8]>, headers: &[(&str, String)]| {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(v.as_str()) });
+            h = h.insert(Header { key: *k, value: Some(v.as_str()) });
         }
         let mut r = FutureRecord::to(topic).key(key).headers(h);
         if let Some(b) = payload {
@@ -170,7 +168,7 @@ fn dlq_replay_as_a_command_filters_by_kind_and_time_and_restores_payload_less_le
     };
     // An original still in the source topic (its dead letter carries no payload).
     let big = vec![b'q'; 3000];
-    let (bp, bo) = send(&t.input, "replay-big", Some(&big), &[]);
+    let (bp, bo) = send(&t.input, "replay-big", Some(&big[..]), &[]);
     let letter = |kind: &str, part: i32, off: i64| {
         vec![
             ("trace".to_string(), "kept".to_string()),
@@ -184,8 +182,8 @@ fn dlq_replay_as_a_command_filters_by_kind_and_time_and_restores_payload_less_le
         ]
     };
     let as_ref = |v: &[(String, String)]| v.iter().map(|(k, x)| (k.as_str(), x.clone())).collect::<Vec<_>>();
-    send(&dlq, "replay-a", Some(b"bytes of a"), &as_ref(&letter("bad_framing", 0, 1000)));
-    send(&dlq, "replay-b", Some(b"bytes of b"), &as_ref(&letter("undecodable", 1, 1001)));
+    send(&dlq, "replay-a", Some(&b"bytes of a"[..]), &as_ref(&letter("bad_framing", 0, 1000)));
+    send(&dlq, "replay-b", Some(&b"bytes of b"[..]), &as_ref(&letter("undecodable", 1, 1001)));
     let mut omitted = letter("record_too_large", bp, bo);
     omitted.push(("error.payload_omitted_bytes".into(), big.len().to_string()));
     send(&dlq, "replay-big", None, &as_ref(&omitted));

@@ -253,11 +253,7 @@ async fn poison_records_go_to_the_dlq_with_headers_and_the_partition_goes_on() {
 
     // A schema the registry knows, but not a MediaIngested.
     let other_subject = format!("{}-other-value", env.input);
-    let other_id = env
-        .codec
-        .register(&other_subject, r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#, "BACKWARD")
-        .await
-        .unwrap();
+    let other_id = env.codec.register(&other_subject, r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#, "BACKWARD").await.unwrap();
     let mut truncated = env.codec.encode(&env.input, &item(0)).await.unwrap();
     truncated.truncate(9);
     let mut wrong_schema = vec![0u8];

@@ -17,8 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use streamoasis_pipeline::client::{self, client_config, producer, wait_for_broker};
@@ -88,10 +88,8 @@ impl Roles {
 
     /// Every password of the stack (the strings no log may contain).
     fn passwords() -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = ["KAFKA_SASL_PASSWORD", "KAFKA_TAGGER_PASSWORD", "KAFKA_SINK_PASSWORD", "SCYLLA_PASSWORD", "SCYLLA_SINK_PASSWORD"]
-            .iter()
-            .map(|n| (n.to_string(), var(n)))
-            .collect();
+        let mut v: Vec<(String, String)> =
+            ["KAFKA_SASL_PASSWORD", "KAFKA_TAGGER_PASSWORD", "KAFKA_SINK_PASSWORD", "SCYLLA_PASSWORD", "SCYLLA_SINK_PASSWORD"].iter().map(|n| (n.to_string(), var(n))).collect();
         let info = var("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO");
         v.push(("registry password".into(), info.split_once(':').map(|(_, p)| p.to_string()).unwrap_or(info)));
         for (name, p) in &v {
@@ -272,7 +270,9 @@ async fn assert_refusals(s: &Setup) {
     let mut sink_props = s.roles.sink.clone();
     sink_props.insert("message.timeout.ms".into(), "15000".into());
     let rogue = producer(kafka, &sink_props).unwrap();
-    let sent = tokio::time::timeout(Duration::from_secs(30), rogue.send(FutureRecord::to(&s.output).key("rogue").payload(b"not from the tagger".as_slice()), Duration::from_secs(5))).await;
+    let sent =
+        tokio::time::timeout(Duration::from_secs(30), rogue.send(FutureRecord::to(&s.output).key("rogue").payload(b"not from the tagger".as_slice()), Duration::from_secs(5)))
+            .await;
     match sent {
         Ok(Ok(d)) => panic!("the sink principal wrote to {} ({d:?}): ACLs not enforced", s.output),
         Ok(Err((e, _))) => {

@@ -45,9 +45,7 @@ type Letter = (Option<Vec<u8>>, Option<Vec<u8>>, HashMap<String, String>);
 /// Every record of `topic` from the beginning to its end.
 fn read_all(kafka: &str, topic: &str) -> Vec<Letter> {
     let mut cc = client_config(kafka, &BTreeMap::new());
-    cc.set("group.id", format!("sink-dlq-reader-{}", uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
+    cc.set("group.id", format!("sink-dlq-reader-{}", uuid::Uuid::new_v4().simple())).set("enable.auto.commit", "false").set("enable.partition.eof", "true");
     let c: BaseConsumer = cc.create().unwrap();
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -133,7 +131,7 @@ async fn sink_dead_letters_poison_and_rejected_writes_byte_for_byte_and_goes_on(
     assert_eq!(ids, ["sink-good-1", "sink-good-2"], "the good events around the poison are written, and nothing else");
     stop.cancel();
     let s = task.await.unwrap().unwrap();
-    assert_eq!((s.processed, s.dead_lettered), (5, 3), "sink summary {s:?}");
+    assert_eq!((s.processed, s.dead_lettered), (2, 3), "sink summary {s:?}");
 
     let letters = read_all(&env.kafka, &dlq);
     assert_eq!(letters.len(), 3, "three dead letters: {:?}", letters.iter().map(|l| &l.2).collect::<Vec<_>>());

@@ -79,13 +79,7 @@ pub fn topology_with(test: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> T
     let path = dir.join("topology.yaml");
     std::fs::write(&path, serde_yaml::to_string(&t).unwrap()).unwrap();
     let tagger = &t["processors"]["tagger"];
-    Topo {
-        input: tagger["input"].as_str().unwrap().into(),
-        output: tagger["output"].as_str().unwrap().into(),
-        group: tagger["group"].as_str().unwrap().into(),
-        dir,
-        path,
-    }
+    Topo { input: tagger["input"].as_str().unwrap().into(), output: tagger["output"].as_str().unwrap().into(), group: tagger["group"].as_str().unwrap().into(), dir, path }
 }
 
 impl Topo {
@@ -273,7 +267,6 @@ pub fn keys(topic: &str) -> Vec<String> {
     assert!(ends.is_empty(), "read {topic} to its end within 60 s");
     out
 }
-
 
 /// Produce one record (raw value bytes) to `topic` and wait for its acknowledgement.
 pub fn produce_raw(topic: &str, key: &str, value: &[u8]) {
