@@ -420,6 +420,11 @@ class Scenario:
             # Clients: 8 MiB, the run loop's own fetch.max.bytes (librdkafka refuses a consumer whose
             # fetch.max.bytes is below message.max.bytes, and the run loop sets its own after ours).
             t["kafka"]["client"] = dict(t["kafka"]["client"] or {}, **{"message.max.bytes": str(CLIENT_MAX)})
+        if os.environ.get("FAULTS_KAFKA_DEBUG"):
+            # librdkafka debug contexts for the processors (e.g. "eos,msg,broker"), to diagnose a scenario;
+            # they reach the log with RUST_LOG=...,librdkafka=debug
+            t.setdefault("kafka", {})
+            t["kafka"]["client"] = dict(t["kafka"].get("client") or {}, debug=os.environ["FAULTS_KAFKA_DEBUG"])
         self.topo = self.dir / "topology.yaml"
         self.topo.write_text(yaml.safe_dump(t, sort_keys=False))
         env = dict(os.environ, STREAMOASIS_TOPOLOGY=str(self.topo))
