@@ -181,7 +181,9 @@ fn dlq_replay_as_a_command_filters_by_kind_and_time_and_restores_payload_less_le
             ("schema.id".into(), String::new()),
         ]
     };
-    let as_ref = |v: &[(String, String)]| v.iter().map(|(k, x)| (k.as_str(), x.clone())).collect::<Vec<_>>();
+    fn as_ref(v: &[(String, String)]) -> Vec<(&str, String)> {
+        v.iter().map(|(k, x)| (k.as_str(), x.clone())).collect()
+    }
     send(&dlq, "replay-a", Some(&b"bytes of a"[..]), &as_ref(&letter("bad_framing", 0, 1000)));
     send(&dlq, "replay-b", Some(&b"bytes of b"[..]), &as_ref(&letter("undecodable", 1, 1001)));
     let mut omitted = letter("record_too_large", bp, bo);
