@@ -7,43 +7,8 @@
 //! runaway allocation is a bug.
 #![no_main]
 
-use std::sync::OnceLock;
-
-use apache_avro::Schema;
 use libfuzzer_sys::fuzz_target;
-use streamoasis_pipeline::codec;
-use streamoasis_pipeline::events::{Event, MediaIngested};
 
-/// Writer schemas by id (id modulo the count): what a registry could hand back.
-fn writers() -> &'static [Schema] {
-    static W: OnceLock<Vec<Schema>> = OnceLock::new();
-    W.get_or_init(|| {
-        let ours = MediaIngested::AVSC;
-        // An evolved writer: one field more (with a default), `language` dropped.
-        let evolved = ours.replacen(
-            r#"{"name": "language""#,
-            r#"{"name": "rating", "type": ["null", "int"], "default": null, "doc": "x"}, {"name": "language_old""#,
-            1,
-        );
-        // Named like ours, plus a recursive union: the shape that nests without bound.
-        let recursive = ours.replacen(
-            r#""fields": ["#,
-            r#""fields": [{"name": "nest", "type": ["null", {"type": "record", "name": "Nest", "fields": [{"name": "next", "type": ["null", "Nest"]}, {"name": "items", "type": {"type": "array", "items": "Nest"}}]}], "default": null},"#,
-            1,
-        );
-        let foreign = r#"{"type": "record", "name": "Other", "namespace": "x", "fields": [{"name": "a", "type": "int"}, {"name": "b", "type": {"type": "map", "values": "bytes"}}]}"#;
-        [ours.to_string(), evolved, recursive, foreign.to_string()]
-            .iter()
-            .map(|s| Schema::parse_str(s).expect("fuzz writer schema parses"))
-            .collect()
-    })
-}
+include!("../shared/decode_framed.rs");
 
-fuzz_target!(|bytes: &[u8]| {
-    let Ok(id) = codec::frame_id(bytes) else {
-        return;
-    };
-    let w = writers();
-    let writer = &w[id as usize % w.len()];
-    let _ = codec::decode_body::<MediaIngested>(writer, id, &bytes[5..]);
-});
+fuzz_target!(|bytes: &[u8]| run_one(bytes));

@@ -195,22 +195,39 @@ async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
     let dir = std::env::temp_dir().join(format!("so-jwks-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let (a, b) = (rsa_key(&dir, "a"), rsa_key(&dir, "b"));
-    let jwks = json!({"keys": [{"kty": "RSA", "kid": "key-a", "alg": "RS256", "use": "sig", "n": a.n, "e": "AQAB"}]}).to_string();
+    // Two keys: the token's kid picks the one that must verify it.
+    let jwks = json!({"keys": [
+        {"kty": "RSA", "kid": "key-a", "alg": "RS256", "use": "sig", "n": a.n, "e": "AQAB"},
+        {"kty": "RSA", "kid": "key-b", "alg": "RS256", "use": "sig", "n": b.n, "e": "AQAB"},
+    ]})
+    .to_string();
     let fx = fixture(|_| {}, Some(&jwks)).await;
     let url = format!("{}/v1/tag", fx.http);
     let body = json!({"title": "The cup final went to penalties"});
     let claims = |exp: u64, aud: &str| json!({"sub": "t", "exp": exp, "iss": ISSUER, "aud": aud});
     let hs = EncodingKey::from_secret(SECRET);
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let alg_none = format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(claims(now_secs() + 300, AUDIENCE)));
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no token", None),
         ("not bearer", Some("Basic dXNlcjpwYXNz".into())),
         ("expired", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, claims(now_secs() - 3600, AUDIENCE))))),
         ("wrong audience", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, claims(now_secs() + 300, "someone-else"))))),
         ("wrong issuer", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, json!({"exp": now_secs() + 300, "iss": "x", "aud": AUDIENCE}))))),
-        ("wrong HS256 key", Some(format!("Bearer {}", sign(Algorithm::HS256, &EncodingKey::from_secret(b"not-the-secret-not-the-secret-!!"), None, claims(now_secs() + 300, AUDIENCE))))),
+        (
+            "wrong HS256 key",
+            Some(format!("Bearer {}", sign(Algorithm::HS256, &EncodingKey::from_secret(b"not-the-secret-not-the-secret-!!"), None, claims(now_secs() + 300, AUDIENCE)))),
+        ),
         ("wrong RS256 key", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&b.pem).unwrap(), Some("key-a"), claims(now_secs() + 300, AUDIENCE))))),
         ("unknown kid", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-z"), claims(now_secs() + 300, AUDIENCE))))),
         ("garbage", Some("Bearer not.a.jwt".into())),
+        ("alg none, unsigned", Some(format!("Bearer {alg_none}"))),
+        ("no exp", Some(format!("Bearer {}", sign(Algorithm::HS256, &hs, None, json!({"sub": "t", "iss": ISSUER, "aud": AUDIENCE}))))),
+        (
+            "key a under kid key-b",
+            Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-b"), claims(now_secs() + 300, AUDIENCE)))),
+        ),
+        ("RS256 without kid", Some(format!("Bearer {}", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), None, claims(now_secs() + 300, AUDIENCE))))),
     ];
     for (what, h) in &cases {
         let mut r = fx.client.post(&url).json(&body);
@@ -223,11 +240,12 @@ async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
         assert_eq!(v["error"]["code"], "unauthorized", "{what}: {v}");
         assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
-    // The same routes with good tokens: HS256 and RS256 (key a, by kid).
-    let rs_ok = sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-a"), claims(now_secs() + 300, AUDIENCE));
-    for t in [fx.token(), rs_ok] {
+    // The same routes with good tokens: HS256 and RS256 (key a and key b, each by its kid).
+    let rs_a = sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&a.pem).unwrap(), Some("key-a"), claims(now_secs() + 300, AUDIENCE));
+    let rs_b = sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&b.pem).unwrap(), Some("key-b"), claims(now_secs() + 300, AUDIENCE));
+    for (what, t) in [("HS256", fx.token()), ("RS256 key-a", rs_a), ("RS256 key-b", rs_b)] {
         let r = fx.client.post(&url).bearer_auth(t).json(&body).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.status(), StatusCode::OK, "{what}");
     }
     for path in ["/v1/media/x/tags", "/v1/tags/sport/media", "/generate-metadata/x"] {
         let r = fx.client.get(format!("{}{path}", fx.http)).send().await.unwrap();
@@ -248,7 +266,7 @@ async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
         assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
     }
     let metrics = fx.client.get(format!("{}/metrics", fx.http)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("streamoasis_api_requests_total{route=\"/v1/tag\",status=\"401\"} 9"), "{metrics}");
+    assert!(metrics.contains("streamoasis_api_requests_total{route=\"/v1/tag\",status=\"401\"} 13"), "{metrics}");
     // gRPC: no token and a wrong one are UNAUTHENTICATED.
     let mut c = TaggerClient::connect(fx.grpc.clone()).await.unwrap();
     let e = c.tag(streamoasis_api::proto::TagRequest { title: "x".into(), ..Default::default() }).await.unwrap_err();

@@ -2,6 +2,8 @@
 //! copy of the project's topology per test, and helpers to produce and read.
 #![allow(dead_code)]
 
+pub mod proc;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

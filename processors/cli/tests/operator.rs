@@ -1,0 +1,246 @@
+//! What an operator runs, as commands against the real local stack: SIGHUP reloads the labels of
+//! a running tagger, `retag` and `dlq replay` with their flags and time parsing, and `api`
+//! refusing to start without a key.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::proc::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use streamoasis_pipeline::codec::Codec;
+use streamoasis_pipeline::events::MediaTagged;
+use streamoasis_pipeline::kafka::client_config;
+
+/// A record read back: partition, offset, key, payload, headers.
+type Rec = (i32, i64, String, Option<Vec<u8>>, Vec<(String, String)>);
+
+/// Every record of `topic`, from the beginning to its end.
+fn records(topic: &str) -> Vec<Rec> {
+    let mut cc = client_config(&kafka(), &BTreeMap::new());
+    cc.set("group.id", format!("operator-reader-{}", uuid::Uuid::new_v4().simple())).set("enable.auto.commit", "false").set("enable.partition.eof", "true");
+    let c: BaseConsumer = cc.create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+    }
+    let mut left = tpl.count();
+    c.assign(&tpl).unwrap();
+    let (mut out, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(30));
+    while left > 0 && Instant::now() < deadline {
+        match c.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let h = m.headers().map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect()).unwrap_or_default();
+                out.push((m.partition(), m.offset(), String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), m.payload().map(<[u8]>::to_vec), h));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => left -= 1,
+            _ => {}
+        }
+    }
+    assert_eq!(left, 0, "{topic} read to its end within 30 s");
+    out
+}
+
+/// `streamoasis <args>` on the topology, to completion.
+fn run(t: &Topo, args: &[&str]) -> Output {
+    t.cmd().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tagger_dlq(t: &Topo) -> String {
+    let y: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&t.path).unwrap()).unwrap();
+    y["processors"]["tagger"]["dlq"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn sighup_reloads_the_labels_of_a_running_tagger_and_keeps_them_on_a_bad_file() {
+    streamoasis_testkit::require_stack!();
+    let t = topology("sighup");
+    t.apply();
+    let mut p = t.spawn_tagger(free_addr());
+    assert!(wait_until(Duration::from_secs(180), || p.get("/readyz").map(|r| r.0) == Some(200)), "never ready; log:\n{}", p.log());
+    let title = |i: usize| serde_json::json!({"media_id": format!("hup-{i}"), "title": "The striker scored twice as the team won the cup final"});
+    t.produce_items(0, 1, title);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let codec = Codec::new(&registry()).unwrap();
+    let tags_of = |id: &str| -> Option<Vec<String>> {
+        let rec = records(&t.output).into_iter().find(|r| r.2 == id)?;
+        let e: MediaTagged = rt.block_on(codec.decode::<MediaTagged>(rec.3.as_deref())).unwrap().event;
+        Some(e.tags.into_iter().map(|t| t.label).collect())
+    };
+    let mut before = None;
+    assert!(wait_until(Duration::from_secs(120), || {
+        before = tags_of("hup-0");
+        before.is_some()
+    }));
+    let before = before.unwrap();
+    assert!(before.iter().any(|l| l == "sport"), "the shipped taxonomy tags a match report 'sport' ({before:?})");
+
+    // New taxonomy: two labels, neither in the old one.
+    let original = std::fs::read_to_string(&t.path).unwrap();
+    let mut y: serde_yaml::Value = serde_yaml::from_str(&original).unwrap();
+    y["tagging"]["labels"] = serde_yaml::from_str("[{name: football, descriptions: [football, a football match]}, {name: finance, descriptions: [money and markets]}]").unwrap();
+    std::fs::write(&t.path, serde_yaml::to_string(&y).unwrap()).unwrap();
+    p.signal("-HUP");
+    assert!(wait_until(Duration::from_secs(60), || p.log().contains("SIGHUP: taxonomy reloaded")), "no reload logged; log:\n{}", p.log());
+    assert!(p.log().contains("labels=2"), "the reload counts the new labels; log:\n{}", p.log());
+    t.produce_items(1, 1, title);
+    let mut after = None;
+    assert!(wait_until(Duration::from_secs(120), || {
+        after = tags_of("hup-1");
+        after.is_some()
+    }));
+    let after = after.unwrap();
+    assert!(after.iter().all(|l| l == "football" || l == "finance"), "tags after the reload come from the new labels only ({after:?})");
+
+    // A broken file: the labels stay, the process keeps running.
+    std::fs::write(&t.path, original.replace("labels:", "labels: [this is: not valid")).unwrap();
+    p.signal("-HUP");
+    assert!(wait_until(Duration::from_secs(60), || p.log().contains("SIGHUP: taxonomy not reloaded")), "no refusal logged; log:\n{}", p.log());
+    assert!(p.child.try_wait().unwrap().is_none(), "still running after a bad reload");
+    t.produce_items(2, 1, title);
+    let mut kept = None;
+    assert!(wait_until(Duration::from_secs(120), || {
+        kept = tags_of("hup-2");
+        kept.is_some()
+    }));
+    assert!(kept.unwrap().iter().all(|l| l == "football" || l == "finance"), "the current labels stay after a bad file");
+    p.signal("-TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(60)).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn retag_as_a_command_by_ids_and_by_time_and_refuses_a_bad_time() {
+    streamoasis_testkit::require_stack!();
+    let t = topology("retag");
+    t.apply();
+    let ids = t.produce(0, 5);
+    let o = run(&t, &["retag", "--ids", &format!("{},{}", ids[1], ids[3]), "--quiet"]);
+    assert!(o.status.success(), "retag --ids: {}", stderr(&o));
+    assert!(stderr(&o).contains("re-sent 2,"), "{}", stderr(&o));
+    let mut keys_now: Vec<String> = records(&t.input).into_iter().map(|r| r.2).collect();
+    keys_now.sort();
+    let mut want: Vec<String> = ids.iter().chain([&ids[1], &ids[3]]).cloned().collect();
+    want.sort();
+    assert_eq!(keys_now, want, "exactly the two ids re-sent");
+
+    // --since: an age covers all 7; a time in the future none.
+    let o = run(&t, &["retag", "--since", "2h", "--quiet"]);
+    assert!(o.status.success() && stderr(&o).contains("re-sent 7,"), "retag --since 2h: {}", stderr(&o));
+    let o = run(&t, &["retag", "--since", "2999-01-01T00:00:00Z", "--quiet"]);
+    assert!(o.status.success() && stderr(&o).contains("re-sent 0,"), "retag --since <future>: {}", stderr(&o));
+    assert_eq!(records(&t.input).len(), 14);
+    // A time it cannot read: refused, naming the flag, nothing sent.
+    let o = run(&t, &["retag", "--since", "last tuesday", "--quiet"]);
+    assert!(!o.status.success(), "a bad --since must fail");
+    assert!(stderr(&o).contains("--since"), "names the flag: {}", stderr(&o));
+    let o = run(&t, &["retag", "--quiet"]);
+    assert!(!o.status.success() && stderr(&o).contains("say where to start"), "no start given: {}", stderr(&o));
+    assert_eq!(records(&t.input).len(), 14, "refused runs send nothing");
+}
+
+#[test]
+fn dlq_replay_as_a_command_filters_by_kind_and_time_and_restores_payload_less_letters_from_the_source() {
+    streamoasis_testkit::require_stack!();
+    let t = topology("replay");
+    t.apply();
+    let dlq = tagger_dlq(&t);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = streamoasis_pipeline::kafka::producer(&kafka(), &BTreeMap::new()).unwrap();
+    let send = |topic: &str, key: &str, payload: Option<&[u8]>, headers: &[(&str, String)]| {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: *k, value: Some(v.as_str()) });
+        }
+        let mut r = FutureRecord::to(topic).key(key).headers(h);
+        if let Some(b) = payload {
+            r = r.payload(b);
+        }
+        let d = rt.block_on(p.send(r, Duration::from_secs(10))).map_err(|(e, _)| e).unwrap();
+        (d.partition, d.offset)
+    };
+    // An original still in the source topic (its dead letter carries no payload).
+    let big = vec![b'q'; 3000];
+    let (bp, bo) = send(&t.input, "replay-big", Some(&big[..]), &[]);
+    let letter = |kind: &str, part: i32, off: i64| {
+        vec![
+            ("trace".to_string(), "kept".to_string()),
+            ("error.kind".into(), kind.to_string()),
+            ("error.message".into(), "test".into()),
+            ("error.processor".into(), "tagger".into()),
+            ("source.topic".into(), t.input.clone()),
+            ("source.partition".into(), part.to_string()),
+            ("source.offset".into(), off.to_string()),
+            ("schema.id".into(), String::new()),
+        ]
+    };
+    fn as_ref(v: &[(String, String)]) -> Vec<(&str, String)> {
+        v.iter().map(|(k, x)| (k.as_str(), x.clone())).collect()
+    }
+    send(&dlq, "replay-a", Some(&b"bytes of a"[..]), &as_ref(&letter("bad_framing", 0, 1000)));
+    send(&dlq, "replay-b", Some(&b"bytes of b"[..]), &as_ref(&letter("undecodable", 1, 1001)));
+    let mut omitted = letter("record_too_large", bp, bo);
+    omitted.push(("error.payload_omitted_bytes".into(), big.len().to_string()));
+    send(&dlq, "replay-big", None, &as_ref(&omitted));
+    let before = records(&t.input).len();
+
+    let o = run(&t, &["dlq", "replay", "--kind", "bad_framing", "--dry-run", "--quiet"]);
+    assert!(o.status.success() && stderr(&o).contains("would re-send 1,"), "dry run by kind: {}", stderr(&o));
+    let o = run(&t, &["dlq", "replay", "--until", "2h", "--quiet"]);
+    assert!(o.status.success() && stderr(&o).contains("re-sent 0,"), "--until 2h ago: none: {}", stderr(&o));
+    let o = run(&t, &["dlq", "replay", "--since", "not-a-time", "--quiet"]);
+    assert!(!o.status.success() && stderr(&o).contains("--since"), "a bad --since is refused naming it: {}", stderr(&o));
+    assert_eq!(records(&t.input).len(), before, "dry run, empty window and refusal send nothing");
+
+    let o = run(&t, &["dlq", "replay", "--since", "1h", "--quiet"]);
+    assert!(o.status.success() && stderr(&o).contains("re-sent 3,"), "replay: {}", stderr(&o));
+    let resent: HashMap<String, Rec> = records(&t.input).into_iter().filter(|r| !(r.0 == bp && r.1 == bo)).map(|r| (r.2.clone(), r)).collect();
+    for (key, bytes) in [("replay-a", b"bytes of a".to_vec()), ("replay-b", b"bytes of b".to_vec()), ("replay-big", big.clone())] {
+        let r = resent.get(key).unwrap_or_else(|| panic!("{key} re-sent to {}", t.input));
+        assert_eq!(r.3.as_deref(), Some(&bytes[..]), "{key}: the original bytes (a payload-less letter's from source.partition/offset)");
+        let names: Vec<&str> = r.4.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(names.iter().all(|k| !k.starts_with("error.") && !k.starts_with("source.") && *k != "schema.id"), "{key}: dead-letter headers dropped, got {names:?}");
+        assert!(r.4.iter().any(|(k, v)| k == "trace" && v == "kept"), "{key}: the record's own headers kept ({names:?})");
+    }
+}
+
+#[test]
+fn api_refuses_to_start_without_a_key_and_with_both_a_key_and_insecure() {
+    streamoasis_testkit::require_stack!();
+    let t = topology("api-keys");
+    let api = |extra: &[&str], vars: &[(&str, &str)]| {
+        let mut c = t.cmd();
+        c.args(["api", "--addr", &free_addr().to_string(), "--grpc-addr", &free_addr().to_string()]).args(extra);
+        for k in ["STREAMOASIS_JWT_HS256_SECRET", "STREAMOASIS_JWT_HS256_SECRET_FILE", "STREAMOASIS_JWT_JWKS_FILE"] {
+            c.env_remove(k);
+        }
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("`streamoasis api {extra:?}` still running after 60 s: it must refuse at start");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let o = api(&[], &[]);
+    assert!(!o.status.success(), "no key: refused");
+    assert!(stderr(&o).contains("no JWT key configured") && stderr(&o).contains("--insecure-no-auth"), "says what to set: {}", stderr(&o));
+    let o = api(&["--insecure-no-auth"], &[("STREAMOASIS_JWT_HS256_SECRET", "0123456789abcdef0123456789abcdef")]);
+    assert!(!o.status.success() && stderr(&o).contains("drop one of them"), "key and --insecure-no-auth: refused: {}", stderr(&o));
+}
