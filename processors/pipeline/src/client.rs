@@ -185,6 +185,9 @@ pub fn transactional_producer(brokers: &str, extra: &BTreeMap<String, String>, g
     c.create()
 }
 
+/// How long the producer tries to deliver a record before failing it (`message.timeout.ms`).
+pub const PRODUCE_TIMEOUT_MS: &str = "30000";
+
 /// An idempotent producer with `acks=all`, for outputs and dead letters.
 pub fn producer(brokers: &str, extra: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaError> {
     let mut c = client_config(brokers, extra);
@@ -192,7 +195,10 @@ pub fn producer(brokers: &str, extra: &BTreeMap<String, String>) -> Result<Futur
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", "300000");
+        // A record the broker has not acknowledged in 30 s fails and is retried by the run loop
+        // (with backoff, within the transient budget) instead of holding its key and the
+        // partition watermark for minutes across a broker restart.
+        .set("message.timeout.ms", PRODUCE_TIMEOUT_MS);
     c.create()
 }
 

@@ -52,6 +52,24 @@ pub enum MediaKind {
     Other,
 }
 
+impl MediaKind {
+    /// The Avro symbol (and serde name), e.g. `ATTRACTION`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Video => "VIDEO",
+            MediaKind::Episode => "EPISODE",
+            MediaKind::Movie => "MOVIE",
+            MediaKind::Clip => "CLIP",
+            MediaKind::Trailer => "TRAILER",
+            MediaKind::Live => "LIVE",
+            MediaKind::Podcast => "PODCAST",
+            MediaKind::Article => "ARTICLE",
+            MediaKind::Attraction => "ATTRACTION",
+            MediaKind::Other => "OTHER",
+        }
+    }
+}
+
 /// One media item to tag (`media.ingested`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MediaIngested {
@@ -108,6 +126,16 @@ pub enum Strategy {
     Embedding,
     /// Natural-language-inference cross-encoder (entailment of "This is about {label}.").
     Nli,
+}
+
+impl Strategy {
+    /// The Avro symbol (and serde name): `EMBEDDING` or `NLI`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Embedding => "EMBEDDING",
+            Strategy::Nli => "NLI",
+        }
+    }
 }
 
 /// Model identity.
@@ -214,6 +242,17 @@ pub mod avro {
 #[allow(deprecated)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn as_str_is_the_serde_and_avro_name() {
+        for k in [MediaKind::Video, MediaKind::Episode, MediaKind::Movie, MediaKind::Clip, MediaKind::Trailer, MediaKind::Live, MediaKind::Podcast, MediaKind::Article, MediaKind::Attraction, MediaKind::Other] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str(), "{k:?}");
+        }
+        for st in [Strategy::Embedding, Strategy::Nli] {
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str(), "{st:?}");
+        }
+    }
+
     use apache_avro::{from_avro_datum, to_avro_datum, types::Value};
 
     pub(crate) fn sample_ingested() -> MediaIngested {

@@ -168,8 +168,8 @@ impl TagWriter {
         let tags: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
         let tagged_at = CqlTimestamp(e.tagged_at);
         let top = e.tags.first().map(|t| t.label.clone());
-        let kind = format!("{:?}", e.kind).to_uppercase();
-        let strategy = format!("{:?}", e.strategy).to_uppercase();
+        let kind = e.kind.as_str();
+        let strategy = e.strategy.as_str();
         let model = format!("{}@{}", e.model.name, e.model.version);
         let main = self.session.execute_unpaged(
             &self.upsert,
