@@ -154,8 +154,8 @@ fn candidates(v: &Value, png: &Path) -> Result<()> {
         .build_cartesian_2d((1e-7f64..1.0).log_scale(), 0.0..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("largest score change with batch company (500 BBC items, log; 0 drawn at 1e-7)")
-        .y_desc("items/s / fp32 (geo. mean, 64+256 tokens, batch 1/8/32)")
+        .x_desc("largest score change with batch company (BBC items, log; 0 drawn at 1e-7)")
+        .y_desc("items/s / fp32 (geometric mean over the run's points)")
         .x_label_formatter(&|x| format!("{x:.0e}"))
         .label_style(("sans-serif", 14))
         .draw()?;
