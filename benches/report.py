@@ -80,6 +80,112 @@ def sweep_section(e, title="## End to end: offered-load sweep (title + descripti
     return out + plot(png)
 
 
+DRIFT_BOUND, BBC_BOUND, LRAP_BOUND = 0.002, 0.5, 0.005
+
+
+def rule(acc_rows: dict, p: dict) -> dict:
+    """Per candidate: whether it meets the default rule (drift <= 0.002, BBC full text and titles
+    within 0.5 points of fp32, TMDB LRAP within 0.005), and by how much it misses."""
+    ref = acc_rows.get("fp32")
+    verdict = {}
+    for c in [c["name"] for c in p["candidates"]]:
+        d = (p.get("drift", {}).get(c) or {}).get("max")
+        a = acc_rows.get(c)
+        misses = []
+        if d is None:
+            misses.append("drift not measured")
+        elif d > DRIFT_BOUND:
+            misses.append(f"drift {d:.4f} > {DRIFT_BOUND} (by {d - DRIFT_BOUND:.4f})")
+        if c == "fp32":
+            pass  # the reference: within every accuracy bound of itself
+        elif a is None or ref is None:
+            misses.append("accuracy not measured")
+        else:
+            for key, label in (("full_text", "BBC full text"), ("titles_only", "BBC titles")):
+                if a.get(key) is not None and ref.get(key) is not None and a[key] < ref[key] - BBC_BOUND:
+                    misses.append(f"{label} {a[key] - ref[key]:+.2f} points (bound -{BBC_BOUND})")
+            if a.get("tmdb_lrap") is not None and ref.get("tmdb_lrap") is not None and a["tmdb_lrap"] < ref["tmdb_lrap"] - LRAP_BOUND:
+                misses.append(f"TMDB LRAP {a['tmdb_lrap'] - ref['tmdb_lrap']:+.4f} (bound -{LRAP_BOUND})")
+        verdict[c] = misses
+    return verdict
+
+
+def candidates_section() -> list[str]:
+    """Precision candidates side by side: speed (interleaved), drift, accuracy, load."""
+    p = load("precision-candidates.json")
+    if not p:
+        return []
+    acc = load("precision-accuracy.json")
+    acc_rows = {}
+    for r in (acc or {}).get("results", []):
+        name = r["configuration"]
+        acc_rows["fp32" if name.startswith("default") else name] = r
+    names = [c["name"] for c in p["candidates"]]
+    speed = p["speed"]
+    pts = [(r["tokens"], r["batch"]) for r in speed]
+    out = ["## Precision candidates: speed, batch-company drift, accuracy, load", "",
+           f"`./benches/run precision` (items/s, drift, load) — {p['threads']} threads, interleaved "
+           f"{p['rounds']} rounds of {p['seconds']} s per point (medians), fp32 matmul peak in this run "
+           f"{p['matmul_peak_gflops'] or 0:.0f} GFLOP/s, load average at the end {p['load_avg_at_end'].split()[0]} "
+           "(the machine was shared: compare ratios within this run only). "
+           f"`./benches/run precision-accuracy` (accuracy) — {acc['articles'] if acc else '?'} BBC articles "
+           f"(every k-th), {acc['films'] if acc else '?'} TMDB test films, the shipped configuration with each module.", "",
+           f"Drift: {(p.get('drift', {}).get('fp32') or {}).get('items', '?')} BBC items (every k-th; title + description, kind ARTICLE, the shipped prompts, one window) tagged "
+           "alone, then in random groups of 8 and of 32 that form one batch each; per item the largest change "
+           "of any label score (single-label softmax at temperature 0.05, so a cosine change is amplified "
+           "~20x); the table gives the largest over the items and the 99th percentile.", "",
+           "| candidate | " + " | ".join(f"{t} tok b{b}" for t, b in pts) +
+           " | drift max | drift p99 | items > 0.002 | BBC full | BBC titles | TMDB LRAP | load s | RSS MiB | file MiB |",
+           "|---|" + "---:|" * (len(pts) + 9)]
+    for n in names:
+        cells = []
+        for r in speed:
+            v, f = r["items_per_s"].get(n), r["items_per_s"].get("fp32")
+            cells.append("–" if v is None else (f"{v:.1f}" if n == "fp32" else f"{v:.1f} ({v / f:.2f}x)"))
+        d = p.get("drift", {}).get(n) or {}
+        a = acc_rows.get(n) or {}
+        l = p.get("load", {}).get(n) or {}
+        out.append(f"| {n} | " + " | ".join(cells) +
+                   f" | {fmt(d.get('max'), 5)} | {fmt(d.get('p99'), 5)} | {d.get('items_over_0_002', '–')} | "
+                   f"{fmt(a.get('full_text'), 1, pct=True) if a.get('full_text') is not None else '–'} | "
+                   f"{fmt(a.get('titles_only'), 1, pct=True) if a.get('titles_only') is not None else '–'} | "
+                   f"{fmt(a.get('tmdb_lrap'), 3)} | {fmt(l.get('load_s'), 2)} | {fmt(l.get('rss_delta_mib'), 0)} | "
+                   f"{fmt(l.get('file_mib'), 0)} |")
+    out += ["", "RSS = resident memory added by loading the module and one forward pass of 8 × 64 tokens, in a "
+            "fresh process per candidate (libtorch already initialised); load s = `CModule::load` alone.", ""]
+    verdict = rule(acc_rows, p)
+    def gmean(n):
+        import math
+        rs = [r["items_per_s"][n] / r["items_per_s"]["fp32"] for r in speed if n in r["items_per_s"]]
+        return math.exp(sum(math.log(x) for x in rs) / len(rs)) if rs else 0.0
+    ok = sorted([n for n, m in verdict.items() if not m], key=gmean, reverse=True)
+    out += ["**The default rule** (issue 18): the fastest candidate with drift ≤ 0.002, BBC full text and titles "
+            "within 0.5 points of fp32 and TMDB LRAP within 0.005 (speed = geometric mean of the speed-ups "
+            "over the points above). A candidate whose drift exceeds the bound misses whatever its accuracy:", ""]
+    for n in names:
+        m = verdict[n]
+        slower = n != "fp32" and gmean(n) < 1.0 and m == ["accuracy not measured"]
+        out.append(f"- `{n}` ({gmean(n):.2f}x): " + ("qualifies" if not m else "misses: " + "; ".join(m))
+                   + (" — and it is slower than fp32, so it cannot be the fastest" if slower else ""))
+    out += ["", f"Chosen: **{ok[0] if ok else 'fp32'}**" + (" (fastest that qualifies)." if ok else " (nothing else qualifies)."), ""]
+    out += plot("precision-candidates")
+    g = load("gpu-precision.json")
+    if g:
+        gn = [c["name"] for c in g["candidates"]]
+        out += ["### On a GPU (`scripts/gpu-bench`)", "", "| tokens | batch | " + " | ".join(gn) + " |",
+                "|---:|---:|" + "---:|" * len(gn)]
+        for r in g["speed"]:
+            out.append(f"| {r['tokens']} | {r['batch']} | " + " | ".join(fmt(r['items_per_s'].get(n)) for n in gn) + " |")
+        out.append("")
+    else:
+        out += ["**GPU: no figure exists yet.** No GPU was lent to this work; `scripts/gpu-bench` (build against "
+                "the machine's PyTorch with `LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1` and "
+                "`--features cuda`, or `--bin-dir` with the CUDA image's binaries; throughput and precision on "
+                "`cuda:0` for fp32, bf16 and fp16; writes `benches/results/gpu-*.json`) is ready and was checked "
+                "with `--dry-run` only.", ""]
+    return out
+
+
 def main() -> None:
     out = ["# Benchmarks", "",
            "Generated by `./benches/run report` from `benches/results/` — do not edit by hand.", "",
@@ -110,6 +216,8 @@ def main() -> None:
                 "and full 8-bit activations (`dyn-channel`, safe on VNNI: `vpdpbusd` accumulates in 32 bits) keep a "
                 "cosine of 0.995 and is what `export_model.py` writes as `model.int8.pt`. Keeping the FFN output "
                 "projections in fp32 (`-keep`) buys little accuracy and costs most of the speed-up.", ""]
+
+    out += candidates_section()
 
     p = load("precision.json")
     if p:

@@ -17,6 +17,20 @@ quantised per batch at run time), in four flavours:
 ``python scripts/python/quantize.py explore`` prints accuracy (BBC titles and articles) and
 speed of each flavour against fp32 in the same run; ``export_model.py`` calls
 :func:`quantize` with the chosen flavour to write ``model.int8.pt``.
+
+Precisions whose scores do not depend on batch company (``export_model.py`` writes them too):
+
+``int8_static``     :func:`static_int8`: the same per-channel int8 weights, but each Linear's
+                    input is quantised with a scale and zero point fixed at export, calibrated on
+                    the TMDB calibration split (:func:`calibration_texts`; never an evaluation
+                    item). The integer matmul of an item does not depend on the batch.
+``bf16``            :func:`bf16_linears`: bf16 weights and matmuls; embeddings, LayerNorm,
+                    softmax, GELU and pooling stay fp32 (each Linear casts its input to bf16 and
+                    its output back).
+
+``python scripts/python/quantize.py candidates --out DIR`` writes the candidates that are measured
+but not offered as config values (``bf16_autocast``: the module traced under CPU autocast;
+``fp32_frozen``: ``torch.jit.freeze`` of the fp32 trace), for ``benches/run precision``.
 """
 
 from __future__ import annotations
@@ -73,6 +87,200 @@ def quantize(model, flavour: str = CHOSEN, keep: list[str] | None = None):
             if type(m).__name__ == "Linear" and hasattr(m, "_packed_params"):
                 m.__class__ = cls
     return q
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-independent precisions
+# ----------------------------------------------------------------------------------------------
+
+CALIBRATION_FILMS = 256       # single films (title + overview), ~60 tokens each
+CALIBRATION_LONG = 48         # texts of 5 films joined, reaching the 256-token windows
+CALIBRATION_PERCENTILE = 1e-4  # clip each input range at its 0.01% / 99.99% quantiles
+ACTIVATION_LEVELS = 127       # static activations use 7 bits (see StaticLinear)
+
+
+def calibration_texts() -> tuple[list[str], str]:
+    """Calibration texts for static int8 and their sha256: the first films of the TMDB
+    calibration split (``scripts/python/prepare_tmdb.py``, which this runs when the data file is
+    missing). The evaluation items (all BBC articles, the TMDB test split) are never among them."""
+    import hashlib  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    cache = Path(os.environ.get("STREAMOASIS_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamoasis")
+    data = Path(os.environ.get("SO_DATA") or cache / "data") / "tmdb-films.jsonl"
+    if not data.is_file():
+        subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "prepare_tmdb.py"), "--out", str(data)],
+                       check=True)
+    films = [json.loads(l) for l in data.read_text(encoding="utf-8").splitlines() if l.strip()]
+    films = [f for f in films if f.get("split") == "calibration" and f.get("overview")]
+    films.sort(key=lambda f: str(f["id"]))
+    single = [f"{f['title']}. {f['overview']}" for f in films[:CALIBRATION_FILMS]]
+    rest = [f"{f['title']}. {f['overview']}" for f in films[CALIBRATION_FILMS:CALIBRATION_FILMS + 5 * CALIBRATION_LONG]]
+    joined = [" ".join(rest[i * 5:(i + 1) * 5]) for i in range(CALIBRATION_LONG)]
+    texts = single + joined
+    return texts, hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
+def _replace_linears(model, make):
+    """A deep copy of `model` whose nn.Linear children are replaced by make(name, linear)."""
+    import copy  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    q = copy.deepcopy(model)
+    for parent_name, parent in list(q.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                setattr(parent, child_name, make(full, child))
+    return q
+
+
+def input_ranges(model, batches) -> dict[str, tuple[float, float]]:
+    """Per Linear: the (low, high) range of its input over the calibration batches, clipped at
+    the CALIBRATION_PERCENTILE quantiles of the non-padding tokens (estimated on an evenly
+    spaced sample of at most 2^18 values per batch, so it is deterministic)."""
+    import torch  # noqa: PLC0415
+
+    seen: dict[str, list[tuple[float, float]]] = {}
+    mask_box = {}
+
+    def hook(name):
+        def h(_mod, inp):
+            x = inp[0].detach()
+            keep = mask_box["m"].reshape(-1).bool()
+            x = x.reshape(-1, x.shape[-1])[keep].reshape(-1).float()
+            if x.numel() > (1 << 18):
+                x = x[torch.linspace(0, x.numel() - 1, 1 << 18).long()]
+            k = max(1, int(CALIBRATION_PERCENTILE * x.numel()))
+            lo = float(torch.kthvalue(x, k).values)
+            hi = float(torch.kthvalue(x, x.numel() - k + 1).values)
+            seen.setdefault(name, []).append((lo, hi))
+        return h
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for ids, mask in batches:
+                mask_box["m"] = mask
+                model(ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    # The median over batches of each quantile: robust to one odd batch.
+    out = {}
+    for name, v in seen.items():
+        los, his = sorted(a for a, _ in v), sorted(b for _, b in v)
+        out[name] = (min(los[len(los) // 2], 0.0), max(his[len(his) // 2], 0.0))
+    return out
+
+
+def static_int8(model, batches):
+    """int8_static: per-channel int8 weights, each Linear input quantised to uint8 with a scale
+    and zero point fixed from the calibration `batches` ((input_ids, attention_mask) pairs);
+    output fp32. fbgemm's fused ``linear_with_input_q_dq_qweight_dq_output_fp32``."""
+    import torch  # noqa: PLC0415
+
+    torch.backends.quantized.engine = "x86"
+    ranges = input_ranges(model, batches)
+
+    class StaticLinear(torch.nn.Module):
+        def __init__(self, lin, lo: float, hi: float):
+            super().__init__()
+            w = lin.weight.detach().float()
+            scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
+            qw = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+            bias = lin.bias.detach().float() if lin.bias is not None else None
+            self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+            # 7-bit activations (0..127): on CPUs without VNNI (AVX2: vpmaddubsw adds pairs of
+            # u8*s8 products into saturating int16) full 8-bit inputs overflow in some kernels.
+            self.scale = max((hi - lo) / ACTIVATION_LEVELS, 1e-8)
+            self.zero_point = int(min(ACTIVATION_LEVELS, max(0, round(-lo / self.scale))))
+
+        def forward(self, x):
+            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                x, self.scale, self.zero_point, self.packed)
+
+    return _replace_linears(model, lambda name, lin: StaticLinear(lin, *ranges[name])), ranges
+
+
+def bf16_linears(model):
+    """bf16: every Linear holds bf16 weights and runs its matmul in bf16 (input cast to bf16,
+    output back to fp32); everything else stays fp32."""
+    import torch  # noqa: PLC0415
+
+    class Bf16Linear(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.weight = torch.nn.Parameter(lin.weight.detach().to(torch.bfloat16), requires_grad=False)
+            b = lin.bias.detach().to(torch.bfloat16) if lin.bias is not None else None
+            self.bias = torch.nn.Parameter(b, requires_grad=False) if b is not None else None
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(torch.float32)
+
+    return _replace_linears(model, lambda _name, lin: Bf16Linear(lin))
+
+
+def calibration_batches(tok, texts: list[str], max_len: int, size: int = 16):
+    """(input_ids, attention_mask) batches of the calibration texts, sorted by length."""
+    enc = [tok(t, truncation=True, max_length=max_len)["input_ids"] for t in texts]
+    enc.sort(key=len)
+    import torch  # noqa: PLC0415
+
+    out = []
+    for s in range(0, len(enc), size):
+        rows = enc[s:s + size]
+        w = max(len(r) for r in rows)
+        ids = torch.full((len(rows), w), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), w, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        out.append((ids, mask))
+    return out
+
+
+def candidates(args) -> None:
+    """Write the bench-only candidates (bf16_autocast, fp32_frozen) into args.out, with a
+    manifest; skipped when the manifest records the same model.pt."""
+    import hashlib  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import export_model as ex  # noqa: PLC0415
+    from transformers import BertModel  # noqa: PLC0415
+
+    model_dir = args.model_dir
+    base = json.loads((model_dir / "manifest.json").read_text())
+    key = {"model.pt": base["files"]["model.pt"],
+           "quantize.py": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    out = args.out
+    mf = out / "manifest.json"
+    if mf.is_file() and json.loads(mf.read_text()).get("source") == key:
+        print(f"[candidates] {out}: up to date", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    src = ex.minilm_dir()
+    bert = BertModel.from_pretrained(str(src), dtype=torch.float32, add_pooling_layer=False).eval()
+    model = ex.pooled(bert).eval()
+    tok = ex.load_tokenizer(src)
+    ex_in = ex.batch(tok, ["A short title", "A somewhat longer sentence about markets, films and football."])
+    inputs = (ex_in["input_ids"], ex_in["attention_mask"])
+    files = {}
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            traced = torch.jit.trace(model, inputs, check_trace=False)
+        traced.save(str(out / "model.bf16-autocast.pt"))
+        files["bf16_autocast"] = "model.bf16-autocast.pt"
+        frozen = torch.jit.freeze(torch.jit.trace(model, inputs, check_trace=False).eval())
+        frozen.save(str(out / "model.fp32-frozen.pt"))
+        files["fp32_frozen"] = "model.fp32-frozen.pt"
+    mf.write_text(json.dumps({"source": key, "candidates": files}, indent=1) + "\n")
+    print(f"[candidates] wrote {sorted(files)} into {out}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +402,15 @@ def main() -> None:
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--rounds", type=int, default=3)
     e.add_argument("--seconds", type=float, default=2.0)
+    c = sub.add_parser("candidates", help="bench-only precision candidates (bf16_autocast, fp32_frozen)")
+    c.add_argument("--model-dir", type=Path, default=Path(__file__).resolve().parents[2] / "models" / "all-MiniLM-L6-v2")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    explore(args)
+    if args.cmd == "candidates":
+        candidates(args)
+    else:
+        explore(args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ struct Args {
     topology: PathBuf,
     #[arg(long)]
     data: PathBuf,
-    /// Only N BBC articles (every k-th, so all sections are represented); films are never cut.
+    /// Only N BBC articles (every k-th, so all sections are represented).
     #[arg(long)]
     limit: Option<usize>,
     /// Extra configurations: `name=<yaml mapping merged over tagging:>`.
@@ -36,6 +36,9 @@ struct Args {
     /// TMDB films JSONL (scripts/python/prepare_tmdb.py); adds the film benchmark.
     #[arg(long)]
     films: Option<PathBuf>,
+    /// Only N TMDB test films (every k-th); default all.
+    #[arg(long)]
+    films_limit: Option<usize>,
     /// Skip the titles-only pass.
     #[arg(long)]
     no_titles: bool,
@@ -166,6 +169,8 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
+    let film_step = a.films_limit.map_or(1, |n| (films.len() / n.max(1)).max(1));
+    let films: Vec<Film> = films.into_iter().step_by(film_step).take(a.films_limit.unwrap_or(usize::MAX)).collect();
     let mut genres: Vec<String> = films.iter().flat_map(|f| f.genres.iter().map(|g| g.to_lowercase())).collect();
     genres.sort();
     genres.dedup();

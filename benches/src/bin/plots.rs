@@ -43,8 +43,9 @@ fn main() -> Result<()> {
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
     type Plot = fn(&Value, &Path) -> Result<()>;
-    let plots: [(&str, Plot); 6] = [
+    let plots: [(&str, Plot); 7] = [
         ("precision", precision),
+        ("precision-candidates", candidates),
         ("throughput", throughput),
         ("windows", windows),
         ("e2e-sweep", sweep),
@@ -119,6 +120,53 @@ fn precision(v: &Value, png: &Path) -> Result<()> {
         }
     }
     lines_log_x(png, "Tagger backend: items/s vs batch size, fp32 and int8", "batch size", "items/s", &series)
+}
+
+/// Speed against batch-company drift, one point per precision candidate and batch size at 64
+/// tokens (`./benches/run precision`, `precision-candidates.json`). Drift 0 is drawn at 1e-7.
+fn candidates(v: &Value, png: &Path) -> Result<()> {
+    let speed = v["speed"].as_array().context("precision-candidates.json has no speed rows")?;
+    let names: Vec<String> = v["candidates"].as_array().context("no candidates")?.iter().filter_map(|c| c["name"].as_str().map(str::to_string)).collect();
+    let fp32 = |tokens: i64, batch: i64| speed.iter().find(|r| r["tokens"].as_i64() == Some(tokens) && r["batch"].as_i64() == Some(batch)).and_then(|r| r["items_per_s"]["fp32"].as_f64());
+    let mut pts: Vec<(String, f64, f64)> = Vec::new();
+    for n in &names {
+        let Some(d) = v["drift"][n.as_str()]["max"].as_f64() else { continue };
+        // Geometric mean of the speed-ups over every (tokens, batch) point of the run.
+        let ratios: Vec<f64> = speed
+            .iter()
+            .filter_map(|r| Some(r["items_per_s"][n.as_str()].as_f64()? / fp32(r["tokens"].as_i64()?, r["batch"].as_i64()?)?))
+            .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let g = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
+        pts.push((n.clone(), d.max(1e-7), g));
+    }
+    anyhow::ensure!(!pts.is_empty(), "no candidate has both drift and speed");
+    let y_max = pts.iter().map(|p| p.2).fold(1.0f64, f64::max) * 1.2;
+    let root = BitMapBackend::new(png, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Precision candidates: speed-up over fp32 vs batch-company drift", ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((1e-7f64..1.0).log_scale(), 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("largest score change with batch company (BBC items, log; 0 drawn at 1e-7)")
+        .y_desc("items/s / fp32 (geometric mean over the run's points)")
+        .x_label_formatter(&|x| format!("{x:.0e}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    chart.draw_series(LineSeries::new([(0.002, 0.0), (0.002, y_max)], BLACK.mix(0.5)))?.label("drift bound 0.002").legend(|(px, py)| PathElement::new([(px, py), (px + 16, py)], BLACK.mix(0.5)));
+    for (i, (name, x, y)) in pts.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart.draw_series(std::iter::once(Circle::new((*x, *y), 7, c.filled())))?.label(name.as_str()).legend(move |(px, py)| Circle::new((px + 8, py), 5, c.filled()));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 13)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    root.present()?;
+    Ok(())
 }
 
 /// Rust vs the Python TorchScript peer, items/s against batch size (`./benches/run throughput`).

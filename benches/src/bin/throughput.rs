@@ -39,6 +39,12 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    /// `cpu` or `cuda:N` (a GPU run skips the Python peer; scripts/gpu-bench).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Output file stem under --out.
+    #[arg(long, default_value = "throughput")]
+    name: String,
 }
 
 fn time_backend(b: &mut TorchBackend, seq_len: usize, batch: usize, seconds: f64) -> f64 {
@@ -111,7 +117,8 @@ fn main() -> anyhow::Result<()> {
     let py_peak = if peaks.1.is_empty() { None } else { Some(median(peaks.1.clone())) };
     eprintln!("fp32 matmul peak ({} threads): libtorch from Rust {peak:.1} GFLOP/s, from Python {py_peak:?}", a.threads);
 
-    let mut backend = TorchBackend::load(&a.model, tch::Device::Cpu, false, a.threads)?;
+    let device = streamoasis_tagger::model::parse_device(&a.device)?;
+    let mut backend = TorchBackend::load(&a.model, device, false, a.threads)?;
     let mut points = Vec::new();
     for &l in &a.seq_lens {
         for &bs in &a.batch_sizes {
@@ -147,7 +154,7 @@ fn main() -> anyhow::Result<()> {
     let mut via_batcher = Vec::new();
     for &l in &a.seq_lens {
         let ips = rt.block_on(async {
-            let backend = TorchBackend::load(&a.model, tch::Device::Cpu, false, a.threads).unwrap();
+            let backend = TorchBackend::load(&a.model, device, false, a.threads).unwrap();
             let b = Batcher::spawn(backend, BatcherConfig { max_batch_size: 32, max_batch_tokens: 32 * 256, max_wait: Duration::from_millis(10), queue_capacity: 1024 });
             let one = synthetic(l, 1, 9);
             let seq = Seq::new(one.input_ids.clone());
@@ -197,9 +204,9 @@ fn main() -> anyhow::Result<()> {
         md += &format!("| {} | {:.1} | {:.1}% |\n", v["seq_len"], v["items_per_s"].as_f64().unwrap(), v["pct_of_peak"].as_f64().unwrap());
     }
     md += "\nReproduce: `./benches/run throughput`.\n";
-    let result = json!({"peak_gflops": peak, "python_peak_gflops": py_peak, "threads": a.threads, "rounds": rounds, "points": points, "rust_via_batcher": via_batcher, "python": peer_info});
-    std::fs::write(a.out.join("throughput.json"), serde_json::to_string_pretty(&result)?)?;
-    std::fs::write(a.out.join("throughput.md"), &md)?;
+    let result = json!({"device": a.device, "peak_gflops": peak, "python_peak_gflops": py_peak, "threads": a.threads, "rounds": rounds, "points": points, "rust_via_batcher": via_batcher, "python": peer_info});
+    std::fs::write(a.out.join(format!("{}.json", a.name)), serde_json::to_string_pretty(&result)?)?;
+    std::fs::write(a.out.join(format!("{}.md", a.name)), &md)?;
     println!("{md}");
     Ok(())
 }

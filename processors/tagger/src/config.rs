@@ -33,30 +33,78 @@ pub struct ModelSpec {
     /// Intra-op threads for the model; 0 = the cores available to the process.
     #[serde(default)]
     pub threads: usize,
-    /// `fp32` (`model.pt`) or `int8` (`model.int8.pt`: dynamic int8 linears, per-channel
-    /// weights; ~2x the items/s on VNNI CPUs for < 1 point of accuracy, see BENCHMARKS.md).
+    /// `fp32` (`model.pt`), `int8` (`model.int8.pt`: dynamic int8 linears; fastest on the CPU,
+    /// but an item's scores move with its batch company), `int8_static` (`model.int8s.pt`:
+    /// activation scales fixed at export) or `bf16` (`model.bf16.pt`: bf16 matmuls, fp32
+    /// LayerNorm and softmax; fast only where the CPU or GPU has bf16 kernels). The measured
+    /// trade-offs are in BENCHMARKS.md ("Precision candidates").
     #[serde(default)]
     pub precision: Precision,
 }
 
-/// Numeric precision of the embedding model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// Numeric precision of the embedding model. Each is one module file of the export, listed
+/// under `precisions` in its `manifest.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
 pub enum Precision {
     /// Float32 weights and activations (`model.pt`).
     #[default]
     Fp32,
-    /// Dynamic int8 linear layers (`model.int8.pt`), CPU only.
+    /// Dynamic int8 linear layers (`model.int8.pt`), CPU only: activations are quantised with
+    /// a scale taken from each batch, so an item's scores depend on its batch company.
     Int8,
+    /// Static int8 linear layers (`model.int8s.pt`), CPU only: int8 weights (per channel) and
+    /// activation scales fixed at export from a calibration set, so the integer matmuls do not
+    /// depend on the batch.
+    Int8Static,
+    /// bf16 weights and matmuls with fp32 embeddings, LayerNorm, softmax and pooling
+    /// (`model.bf16.pt`). CPU or GPU.
+    Bf16,
 }
 
 impl Precision {
+    /// Every precision, in the order benchmarks list them.
+    pub const ALL: [Precision; 4] = [Precision::Fp32, Precision::Int8, Precision::Int8Static, Precision::Bf16];
+
+    /// The value as written in topology.yaml and in the manifest's `precisions` keys.
+    pub fn key(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+            Precision::Int8Static => "int8_static",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
     /// The manifest's default file name for this precision.
     pub fn default_file(self) -> &'static str {
         match self {
             Precision::Fp32 => "model.pt",
             Precision::Int8 => "model.int8.pt",
+            Precision::Int8Static => "model.int8s.pt",
+            Precision::Bf16 => "model.bf16.pt",
         }
+    }
+
+    /// Whether the module runs on the CPU only (quantised kernels have no CUDA implementation).
+    pub fn cpu_only(self) -> bool {
+        matches!(self, Precision::Int8 | Precision::Int8Static)
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.key() == s)
+            .ok_or_else(|| format!("'{s}' is not a precision (fp32 | int8 | int8_static | bf16)"))
     }
 }
 
@@ -441,10 +489,14 @@ impl TaggingSpec {
         if !(self.model.device == "cpu" || self.model.device.starts_with("cuda")) {
             return err("model.device", format!("'{}' is not cpu or cuda:N", self.model.device));
         }
-        if self.model.precision == Precision::Int8 && self.model.device != "cpu" {
+        if self.model.precision.cpu_only() && self.model.device != "cpu" {
+            let what = if self.model.precision == Precision::Int8 { "dynamic quantisation" } else { "static quantisation" };
             return err(
                 "model.precision",
-                format!("int8 (dynamic quantisation) runs on the CPU only, and tagging.model.device is '{}': set precision: fp32 for a GPU", self.model.device),
+                format!(
+                    "{} ({what}) runs on the CPU only, and tagging.model.device is '{}': set precision: fp32 or bf16 for a GPU",
+                    self.model.precision, self.model.device
+                ),
             );
         }
         Ok(())
@@ -469,4 +521,38 @@ pub struct KindSettings<'a> {
     pub min_score: f32,
     /// Whether the kind has templates of its own (else the label vectors are shared).
     pub own_templates: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(precision: &str, device: &str) -> Result<TaggingSpec, String> {
+        let yaml = format!("model: {{path: /m, device: '{device}', precision: {precision}}}\nlabels: [{{name: a}}]");
+        let s: TaggingSpec = serde_yaml::from_str(&yaml).map_err(|e| e.to_string())?;
+        s.validate("topology.yaml").map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
+    #[test]
+    fn precisions_parse_from_their_config_values() {
+        for (text, p) in [("fp32", Precision::Fp32), ("int8", Precision::Int8), ("int8_static", Precision::Int8Static), ("bf16", Precision::Bf16)] {
+            assert_eq!(spec(text, "cpu").unwrap().model.precision, p);
+            assert_eq!(p.key(), text);
+            assert_eq!(text.parse::<Precision>().unwrap(), p);
+        }
+        let e = spec("fp16", "cpu").unwrap_err();
+        assert!(e.contains("fp16") && e.contains("int8_static") && e.contains("bf16"), "{e}");
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("int8_static"));
+    }
+
+    #[test]
+    fn quantised_precisions_are_refused_on_a_gpu_naming_the_key() {
+        for p in ["int8", "int8_static"] {
+            let e = spec(p, "cuda:0").unwrap_err();
+            assert!(e.contains("tagging.model.precision") && e.contains(p) && e.contains("cuda:0") && e.contains("fp32 or bf16"), "{e}");
+        }
+        assert!(spec("bf16", "cuda:0").is_ok());
+        assert!(spec("fp32", "cuda").is_ok());
+    }
 }

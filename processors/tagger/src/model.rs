@@ -32,7 +32,7 @@ pub struct Manifest {
     /// Index of the entailment logit (NLI models).
     #[serde(default)]
     pub entailment_index: Option<usize>,
-    /// Module file per precision (`fp32`, `int8`); absent = `model.pt` only.
+    /// Module file per precision (`fp32`, `int8`, `int8_static`, `bf16`); absent = `model.pt` only.
     #[serde(default)]
     pub precisions: std::collections::BTreeMap<String, String>,
 }
@@ -40,18 +40,26 @@ pub struct Manifest {
 impl Manifest {
     /// The module file for a precision, or why there is none.
     pub fn module_file(&self, dir: &Path, p: crate::config::Precision) -> Result<String, LoadError> {
-        let key = match p {
-            crate::config::Precision::Fp32 => "fp32",
-            crate::config::Precision::Int8 => "int8",
-        };
+        let key = p.key();
         match self.precisions.get(key) {
             Some(f) => Ok(f.clone()),
             None if p == crate::config::Precision::Fp32 => Ok(p.default_file().into()),
             None => Err(LoadError::Missing {
                 path: dir.join("manifest.json"),
-                message: format!("tagging.model.precision is {key} but this export has no {key} module (re-export with scripts/setup, which writes model.int8.pt, or set precision: fp32)"),
+                message: format!(
+                    "tagging.model.precision is {key} but this export has no {key} module (it offers {}; re-export with scripts/setup, which writes {}, or set precision: fp32)",
+                    self.offered(),
+                    p.default_file()
+                ),
             }),
         }
+    }
+
+    /// The precisions this export offers, as `fp32, int8, …` (fp32 always).
+    pub fn offered(&self) -> String {
+        let mut keys: Vec<&str> = vec!["fp32"];
+        keys.extend(self.precisions.keys().map(String::as_str).filter(|k| *k != "fp32"));
+        keys.join(", ")
     }
 }
 
@@ -250,6 +258,13 @@ impl TorchBackend {
         Ok(TorchBackend { module, device, with_types, threads })
     }
 
+    /// Cast the module's floating-point parameters to `kind` on `device` (e.g. half precision
+    /// on a GPU, for a benchmark of the fp32 export in fp16).
+    pub fn cast(&mut self, device: Device, kind: Kind) {
+        self.module.to(device, kind, false);
+        self.device = device;
+    }
+
     fn run(&self, b: &Batch) -> Result<Vec<Vec<f32>>, tch::TchError> {
         let _guard = tch::no_grad_guard();
         let shape = [b.rows as i64, b.cols as i64];
@@ -287,5 +302,43 @@ impl Backend for TorchBackend {
             return Ok(Vec::new());
         }
         self.run(batch).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Precision;
+
+    fn manifest(precisions: &[(&str, &str)]) -> Manifest {
+        Manifest {
+            name: "m".into(),
+            version: "1".into(),
+            kind: "embedding".into(),
+            max_seq_len: 256,
+            dims: Some(384),
+            labels: vec![],
+            entailment_index: None,
+            precisions: precisions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn each_precision_maps_to_its_manifest_file() {
+        let m = manifest(&[("fp32", "model.pt"), ("int8", "model.int8.pt"), ("int8_static", "model.int8s.pt"), ("bf16", "model.bf16.pt")]);
+        for p in Precision::ALL {
+            assert_eq!(m.module_file(Path::new("/m"), p).unwrap(), p.default_file(), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_missing_precision_names_the_key_and_what_the_export_offers() {
+        let m = manifest(&[("fp32", "model.pt"), ("int8", "model.int8.pt")]);
+        let e = m.module_file(Path::new("/m"), Precision::Bf16).unwrap_err().to_string();
+        assert!(e.contains("tagging.model.precision is bf16") && e.contains("fp32, int8") && e.contains("model.bf16.pt"), "{e}");
+        let e = m.module_file(Path::new("/m"), Precision::Int8Static).unwrap_err().to_string();
+        assert!(e.contains("int8_static") && e.contains("model.int8s.pt"), "{e}");
+        // An old export without a precisions map still serves fp32.
+        assert_eq!(manifest(&[]).module_file(Path::new("/m"), Precision::Fp32).unwrap(), "model.pt");
     }
 }

@@ -156,8 +156,8 @@ fn config_errors_name_the_key() {
     assert!(e.contains("FILM") && e.contains("MOVIE"), "{e}");
     let e = parse("embedding: {kinds: {MOVIE: {templates: ['no placeholder']}}}\nlabels: [{name: a}]", "fp32").unwrap_err();
     assert!(e.contains("tagging.embedding.kinds.MOVIE.templates"), "{e}");
-    let e = parse("labels: [{name: a}]", "bf16").unwrap_err();
-    assert!(e.contains("bf16") && e.contains("int8"), "{e}");
+    let e = parse("labels: [{name: a}]", "fp8").unwrap_err();
+    assert!(e.contains("fp8") && e.contains("int8_static") && e.contains("bf16"), "{e}");
     let mut gpu = parse(NEWS, "int8").unwrap();
     gpu.model.device = "cuda:0".into();
     let e = gpu.validate("test").unwrap_err().to_string();
