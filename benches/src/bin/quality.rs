@@ -192,6 +192,20 @@ async fn rank_eval(tagger: &Arc<Tagger>, reqs: Vec<TagRequest>, gold: &[Vec<Stri
     Ok(Ranking { lrap: lrap / n, p1: p1 / n, f1: 2.0 * tp as f64 / (2 * tp + fp + fn_).max(1) as f64, items_per_s: n / start.elapsed().as_secs_f64() })
 }
 
+fn write(a: &Args, articles: &[Article], test: &[Film], long: &[LongItem], bbc_prior: (f64, f64), film_prior: (f64, f64), rows: &[serde_json::Value]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let result = json!({
+        "articles": articles.len(), "films": test.len(), "long_items": long.len(),
+        "bbc_prior": {"lrap": bbc_prior.0, "p_at_1": bbc_prior.1},
+        "tmdb_prior": {"lrap": film_prior.0, "p_at_1": film_prior.1},
+        "paraphrases": PARAPHRASES.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>(),
+        "load_avg_at_end": load.trim(), "results": rows,
+    });
+    std::fs::write(a.out.join(format!("{}.json", a.name)), serde_json::to_string_pretty(&result)?)?;
+    Ok(())
+}
+
 fn article_request(a: &Article) -> TagRequest {
     TagRequest { title: a.title.clone(), description: a.description.clone(), transcript: a.text.clone(), ..Default::default() }
 }
@@ -248,28 +262,6 @@ async fn main() -> anyhow::Result<()> {
         let film_cal = cfg.for_kind(MediaKind::Movie).calibration.cloned();
         let tagger = Arc::new(Tagger::load(cfg.clone()).await?);
         let mut row = json!({"configuration": name, "override": serde_json::to_value(over)?, "windows_per_item": tagger.window_count()?});
-        if !articles.is_empty() {
-            let reqs: Vec<TagRequest> = articles.iter().map(article_request).collect();
-            let r = rank_eval(&tagger, reqs, &bbc_gold).await?;
-            eprintln!("{name}: BBC top-1 {:.1}% ({:.1}/s)", 100.0 * r.p1, r.items_per_s);
-            row["bbc"] = json!({"top1": r.p1, "lrap": r.lrap, "items_per_s": r.items_per_s});
-            if let Some(c) = &film_cal {
-                let mut ct = topo.clone();
-                if !over.is_null() {
-                    merge(&mut ct.file.tagging, over);
-                }
-                let c = serde_yaml::to_value(c)?;
-                let mut cross: serde_yaml::Value = serde_yaml::from_str("{embedding: {multi_label: true}}")?;
-                cross["embedding"]["calibration"] = c;
-                merge(&mut ct.file.tagging, &cross);
-                let ccfg = TaggerConfig::from_topology(&ct)?;
-                let ctag = Arc::new(Tagger::load(ccfg).await?);
-                let reqs: Vec<TagRequest> = articles.iter().map(article_request).collect();
-                let r = rank_eval(&ctag, reqs, &bbc_gold).await?;
-                eprintln!("{name}: cross-dataset BBC LRAP {:.3} P@1 {:.3}", r.lrap, r.p1);
-                row["cross_bbc"] = json!({"lrap": r.lrap, "p_at_1": r.p1});
-            }
-        }
         if !test.is_empty() {
             for (key, labels, gold) in [("tmdb_seen", &genres, &seen_gold), ("tmdb_unseen", &unseen, &unseen_gold)] {
                 let reqs: Vec<TagRequest> = test
@@ -308,18 +300,31 @@ async fn main() -> anyhow::Result<()> {
             }
             row["long"] = json!(out);
         }
+        if !articles.is_empty() {
+            let reqs: Vec<TagRequest> = articles.iter().map(article_request).collect();
+            let r = rank_eval(&tagger, reqs, &bbc_gold).await?;
+            eprintln!("{name}: BBC top-1 {:.1}% ({:.1}/s)", 100.0 * r.p1, r.items_per_s);
+            row["bbc"] = json!({"top1": r.p1, "lrap": r.lrap, "items_per_s": r.items_per_s});
+            if let Some(c) = &film_cal {
+                let mut ct = topo.clone();
+                if !over.is_null() {
+                    merge(&mut ct.file.tagging, over);
+                }
+                let c = serde_yaml::to_value(c)?;
+                let mut cross: serde_yaml::Value = serde_yaml::from_str("{embedding: {multi_label: true}}")?;
+                cross["embedding"]["calibration"] = c;
+                merge(&mut ct.file.tagging, &cross);
+                let ccfg = TaggerConfig::from_topology(&ct)?;
+                let ctag = Arc::new(Tagger::load(ccfg).await?);
+                let reqs: Vec<TagRequest> = articles.iter().map(article_request).collect();
+                let r = rank_eval(&ctag, reqs, &bbc_gold).await?;
+                eprintln!("{name}: cross-dataset BBC LRAP {:.3} P@1 {:.3}", r.lrap, r.p1);
+                row["cross_bbc"] = json!({"lrap": r.lrap, "p_at_1": r.p1});
+            }
+        }
         rows.push(row);
+        // Written after every configuration, so a long run interrupted keeps what it measured.
+        write(&a, &articles, &test, &long, bbc_prior, film_prior, &rows)?;
     }
-    std::fs::create_dir_all(&a.out)?;
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let result = json!({
-        "articles": articles.len(), "films": test.len(), "long_items": long.len(),
-        "bbc_prior": {"lrap": bbc_prior.0, "p_at_1": bbc_prior.1},
-        "tmdb_prior": {"lrap": film_prior.0, "p_at_1": film_prior.1},
-        "paraphrases": PARAPHRASES.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>(),
-        "load_avg_at_end": load.trim(), "results": rows,
-    });
-    std::fs::write(a.out.join(format!("{}.json", a.name)), serde_json::to_string_pretty(&result)?)?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
 }

@@ -305,7 +305,7 @@ pub struct TextSpec {
     pub max_tokens_per_item: usize,
     /// Replaced by `max_tokens_per_item`; refused with a message saying so (kept only to name it).
     #[serde(default)]
-    pub max_windows: Option<serde_yaml::Value>,
+    pub max_windows: Option<serde_json::Value>,
     /// Tokens shared by consecutive windows.
     #[serde(default = "default_stride")]
     pub stride: usize,
@@ -546,7 +546,11 @@ impl TaggingSpec {
         }
         if let Some(w) = &self.text.max_windows {
             let hint = match w.as_u64() {
-                Some(n) => format!(" (max_windows: {n} read at most {n} windows; the same cover is max_tokens_per_item: {})", n * self.text.max_tokens.max(256) as u64),
+                Some(n) => {
+                    let body = if self.text.max_tokens == 0 { 254 } else { self.text.max_tokens.saturating_sub(2) } as u64;
+                    let cover = body + n.saturating_sub(1) * body.saturating_sub(self.text.stride as u64);
+                    format!(" (max_windows: {n} read at most {n} windows; the same cover is max_tokens_per_item: {cover})")
+                }
                 None => String::new(),
             };
             return err(

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{Calibration, Pooling, Transfer};
+use crate::config::{Calibration, Pooling};
 
 /// Windows of `window_tokens` tokens (special tokens included) sharing `stride` tokens that
 /// cover `budget` content tokens contiguously (at least one).
@@ -168,6 +168,7 @@ pub fn lead_is_decisive(title: &str, description: Option<&str>, min_tokens: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Transfer;
 
     fn unit(v: &[f32]) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -276,7 +276,7 @@ impl Tagger {
         }
         let mut todo: Vec<(Option<MediaKind>, &[String], &Calibration)> = Vec::new();
         if let Some(c) = &self.cfg.embedding.calibration {
-            todo.push((None, &self.cfg.embedding.templates, c));
+            todo.push((None, self.cfg.embedding.templates.as_slice(), c));
         }
         for kind in self.cfg.embedding.kinds.keys() {
             let ks = self.cfg.for_kind(*kind);
