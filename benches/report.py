@@ -101,9 +101,12 @@ def quality_section(q) -> list[str]:
                    f"{g(r, 'tmdb_seen', 'lrap')} | {g(r, 'tmdb_seen', 'p_at_1')} | {g(r, 'tmdb_seen', 'micro_f1')} | "
                    f"{g(r, 'tmdb_unseen', 'lrap')} | {g(r, 'tmdb_unseen', 'p_at_1')} | {g(r, 'tmdb_unseen', 'micro_f1')} | "
                    f"{g(r, 'cross_bbc', 'lrap')} | {g(r, 'cross_bbc', 'p_at_1')} |")
-    out.append(f"| frequency prior (no model) | {fmt(100 * bp['p_at_1'], pct=True)} | {fp['lrap']:.3f} | {fp['p_at_1']:.3f} | – | "
-               f"{fp['lrap']:.3f} | {fp['p_at_1']:.3f} | – | {bp['lrap']:.3f} | {bp['p_at_1']:.3f} |")
+    b1, bl, bpp = ((fmt(100 * bp['p_at_1'], pct=True), f"{bp['lrap']:.3f}", f"{bp['p_at_1']:.3f}") if q["articles"] else ("–", "–", "–"))
+    out.append(f"| frequency prior (no model) | {b1} | {fp['lrap']:.3f} | {fp['p_at_1']:.3f} | – | "
+               f"{fp['lrap']:.3f} | {fp['p_at_1']:.3f} | – | {bl} | {bpp} |")
     out.append("")
+    if q.get("note"):
+        out += [q["note"], ""]
     longs = [r for r in rows if r.get("long")]
     if longs:
         keys = [(x["length"], x["position"]) for x in longs[0]["long"]]
