@@ -220,7 +220,7 @@ mod tests {
         assert!(informative_tokens("Stefan Koubek says he has been banned for three months by the International Tennis Federation") >= 8);
         // No description: always read the body, whatever the margin.
         assert!(!lead_is_decisive("Koubek suspended after drugs test ruling by the tennis federation", None, 8, 0.9, 0.5));
-        assert!(!lead_is_decisive("Episode 12", Some("  "), 0, 0.9, 0.5));
+        assert!(!lead_is_decisive("Episode 12", Some("  "), 8, 0.9, 0.5));
         // A description with too few informative tokens: read the body.
         assert!(!lead_is_decisive("Episode 12", Some("This week: more of the same."), 8, 0.9, 0.5));
         let d = Some("Stefan Koubek says he has been banned for three months by the International Tennis Federation.");
