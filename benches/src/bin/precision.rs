@@ -224,7 +224,7 @@ async fn drift(a: &Args, c: &Candidate, items: &[TagRequest], tmp: &Path) -> any
     let mut topo = Topology::load(&a.topology)?;
     let dir = candidate_folder(a, c, tmp)?;
     let over: serde_yaml::Value = serde_yaml::from_str(&format!(
-        "{{model: {{path: '{}', precision: fp32, threads: {}, device: '{}'}}, text: {{max_windows: 1, adaptive_margin: 0}}, batching: {{max_batch_size: 32, max_batch_tokens: 16384, max_wait: {}ms, queue_capacity: 1024}}}}",
+        "{{model: {{path: '{}', precision: fp32, threads: {}, device: '{}'}}, text: {{max_tokens_per_item: 254, adaptive_margin: 0}}, batching: {{max_batch_size: 32, max_batch_tokens: 16384, max_wait: {}ms, queue_capacity: 1024}}}}",
         dir.display(),
         a.threads,
         a.device,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use streamoasis_pipeline::events::MediaKind;
 use streamoasis_pipeline::topology::{ConfigError, Topology};
 
@@ -145,8 +145,11 @@ pub struct EmbeddingSpec {
 /// (`benches/python/film_accuracy.py` prints one): the score of label `l` for an item is
 /// `sigmoid(slope_l * (cos_l - mean cos over the item's labels) + bias_l)`, an estimate of the
 /// probability that `l` applies, so a threshold (`min_score`) has the same meaning for every
-/// label. Labels without their own pair use `slope`/`bias`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// label. Subtracting the item's mean over its candidates normalises each item across its own
+/// label set. Labels without their own pair get one carried over from the fitted labels whose
+/// embeddings are nearest to theirs ([`Transfer`]; "sci-fi" takes most of "science fiction"'s
+/// pair), or `slope`/`bias` when none is near (docs/quality.md).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Calibration {
     /// Slope for labels without their own pair.
@@ -156,12 +159,79 @@ pub struct Calibration {
     /// `label: [slope, bias]` (the bias carries the label's prior).
     #[serde(default)]
     pub labels: BTreeMap<String, (f32, f32)>,
+    /// How pairs carry over to labels that were never fitted.
+    #[serde(default)]
+    pub transfer: Transfer,
+}
+
+/// Carrying fitted per-label pairs to other label names by the similarity of their prompt
+/// embeddings (same templates as the item's kind): a softmax over the fitted labels of
+/// `similarity / temperature` weighs their pairs, and a gate
+/// `sigmoid((best similarity - min_similarity) / width)` blends that with the global pair, so
+/// a label far from every fitted one is scored with `slope`/`bias` alone.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    /// Off: labels without their own pair use `slope`/`bias` (the behaviour before).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Softmax temperature over cosine similarities to the fitted labels.
+    #[serde(default = "default_transfer_temperature")]
+    pub temperature: f32,
+    /// Similarity at which the carried pair and the global pair weigh the same.
+    #[serde(default = "default_min_similarity")]
+    pub min_similarity: f32,
+    /// Width of the gate around `min_similarity`.
+    #[serde(default = "default_transfer_width")]
+    pub width: f32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_transfer_temperature() -> f32 {
+    0.01
+}
+fn default_min_similarity() -> f32 {
+    0.6
+}
+fn default_transfer_width() -> f32 {
+    0.03
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer { enabled: true, temperature: default_transfer_temperature(), min_similarity: default_min_similarity(), width: default_transfer_width() }
+    }
 }
 
 impl Calibration {
-    /// (slope, bias) for a label (exact name, then lower case).
+    /// (slope, bias) fitted for a label (exact name, then lower case), if any.
+    pub fn own_pair(&self, label: &str) -> Option<(f32, f32)> {
+        self.labels.get(label).or_else(|| self.labels.get(&label.to_lowercase())).copied()
+    }
+
+    /// (slope, bias) for a label by name alone: its own pair, else the global one.
     pub fn pair(&self, label: &str) -> (f32, f32) {
-        self.labels.get(label).or_else(|| self.labels.get(&label.to_lowercase())).copied().unwrap_or((self.slope, self.bias))
+        self.own_pair(label).unwrap_or((self.slope, self.bias))
+    }
+
+    /// Check the numbers (`key` names the calibration in errors).
+    pub fn check(&self, key: &str) -> Result<(), (String, String)> {
+        let t = &self.transfer;
+        if !(t.temperature > 0.0) {
+            return Err((format!("{key}.transfer.temperature"), format!("{} must be > 0", t.temperature)));
+        }
+        if !(t.width > 0.0) {
+            return Err((format!("{key}.transfer.width"), format!("{} must be > 0", t.width)));
+        }
+        if !(-1.0..=1.0).contains(&t.min_similarity) {
+            return Err((format!("{key}.transfer.min_similarity"), format!("{} must be a cosine within -1..1", t.min_similarity)));
+        }
+        if !self.slope.is_finite() || !self.bias.is_finite() || self.labels.values().any(|(a, b)| !a.is_finite() || !b.is_finite()) {
+            return Err((key.to_string(), "slope and bias must be finite numbers".into()));
+        }
+        Ok(())
     }
 }
 
@@ -275,21 +345,49 @@ pub struct TextSpec {
     /// Tokens per window including special tokens; 0 = the model's max_seq_len.
     #[serde(default)]
     pub max_tokens: usize,
-    /// Most windows per item (title + description + transcript); text beyond is ignored.
-    #[serde(default = "default_windows")]
-    pub max_windows: usize,
+    /// Token budget per item (title + description + transcript): text up to this length is read
+    /// whole, in overlapping windows; longer text gets as many windows as the budget pays for,
+    /// spread from its beginning to its end (`placement: spread`). The default, 12,000 tokens,
+    /// reads an hour of speech (~150 words a minute, ~1.3 tokens a word). Cost is linear in it.
+    #[serde(default = "default_tokens_per_item")]
+    pub max_tokens_per_item: usize,
+    /// Replaced by `max_tokens_per_item`; refused with a message saying so (kept only to name it).
+    #[serde(default)]
+    pub max_windows: Option<serde_json::Value>,
     /// Tokens shared by consecutive windows.
     #[serde(default = "default_stride")]
     pub stride: usize,
-    /// Where the windows go when the text needs more than `max_windows`: `spread` (evenly from
+    /// Where the windows go when the text is longer than the budget: `spread` (evenly from
     /// the beginning to the end of the text) or `head` (the first ones only).
     #[serde(default)]
     pub placement: Placement,
+    /// How the windows of one item become one embedding: `relevance` (default: windows weighted
+    /// by how strongly they match any candidate label, so chatter does not outvote the part
+    /// about the subject) or `mean` (every window alike, the behaviour before).
+    #[serde(default)]
+    pub pooling: Pooling,
     /// Adaptive compute: when > 0, an item with a transcript is first scored on its title and
-    /// description alone; the transcript's windows are read only when the top-2 score margin
-    /// is below this. 0 = always read the windows.
+    /// description alone; the transcript is skipped only when that lead carries evidence
+    /// (`min_evidence_tokens` informative tokens, a description present) and the margin between
+    /// its two best labels, on calibrated scores, is at least this. 0 = always read the text.
     #[serde(default)]
     pub adaptive_margin: f32,
+    /// Informative tokens (words of 3+ letters that are neither stop words nor generic media
+    /// words such as "episode" or "part") the title + description need before adaptive compute
+    /// may skip the body.
+    #[serde(default = "default_evidence_tokens")]
+    pub min_evidence_tokens: usize,
+}
+
+/// How an item's windows are pooled into one embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Weighted by each window's evidence for the candidate labels (see `scoring::pool`).
+    #[default]
+    Relevance,
+    /// The plain mean of the windows.
+    Mean,
 }
 
 /// Window placement over long text.
@@ -303,16 +401,28 @@ pub enum Placement {
     Head,
 }
 
-fn default_windows() -> usize {
-    4
+fn default_tokens_per_item() -> usize {
+    12_000
 }
 fn default_stride() -> usize {
     32
 }
+fn default_evidence_tokens() -> usize {
+    8
+}
 
 impl Default for TextSpec {
     fn default() -> Self {
-        TextSpec { max_tokens: 0, max_windows: default_windows(), stride: default_stride(), placement: Placement::default(), adaptive_margin: 0.0 }
+        TextSpec {
+            max_tokens: 0,
+            max_tokens_per_item: default_tokens_per_item(),
+            max_windows: None,
+            stride: default_stride(),
+            placement: Placement::default(),
+            pooling: Pooling::default(),
+            adaptive_margin: 0.0,
+            min_evidence_tokens: default_evidence_tokens(),
+        }
     }
 }
 
@@ -452,6 +562,14 @@ impl TaggingSpec {
                 return err(&format!("{key}.min_score"), "must be within 0..1".into());
             }
         }
+        let cals = self.embedding.calibration.iter().map(|c| ("embedding.calibration".to_string(), c)).chain(
+            self.embedding.kinds.iter().filter_map(|(k, s)| s.calibration.as_ref().map(|c| (format!("embedding.kinds.{}.calibration", kind_symbol(*k)), c))),
+        );
+        for (key, c) in cals {
+            if let Err((k, m)) = c.check(&key) {
+                return err(&k, m);
+            }
+        }
         if self.embedding.temperature <= 0.0 || self.embedding.scale <= 0.0 {
             return err("embedding.temperature", "temperature and scale must be > 0".into());
         }
@@ -474,8 +592,25 @@ impl TaggingSpec {
         if !(0.0..=1.0).contains(&self.text.adaptive_margin) {
             return err("text.adaptive_margin", format!("{} must be within 0..1 (0 = off)", self.text.adaptive_margin));
         }
-        if self.text.max_windows == 0 {
-            return err("text.max_windows", "must be >= 1".into());
+        if let Some(w) = &self.text.max_windows {
+            let hint = match w.as_u64() {
+                Some(n) => {
+                    let body = if self.text.max_tokens == 0 { 254 } else { self.text.max_tokens.saturating_sub(2) } as u64;
+                    let cover = body + n.saturating_sub(1) * body.saturating_sub(self.text.stride as u64);
+                    format!(" (max_windows: {n} read at most {n} windows; the same cover is max_tokens_per_item: {cover})")
+                }
+                None => String::new(),
+            };
+            return err(
+                "text.max_windows",
+                format!("was replaced by tagging.text.max_tokens_per_item, a token budget per item (default 12000, an hour of speech){hint}: remove max_windows and set max_tokens_per_item if the default does not suit"),
+            );
+        }
+        if self.text.max_tokens_per_item < 16 {
+            return err("text.max_tokens_per_item", format!("{} is too small (>= 16 tokens; 12000 reads an hour of speech)", self.text.max_tokens_per_item));
+        }
+        if self.text.max_tokens_per_item > 1_000_000 {
+            return err("text.max_tokens_per_item", format!("{} is too large (at most 1000000 tokens per item)", self.text.max_tokens_per_item));
         }
         if self.text.max_tokens != 0 && self.text.max_tokens < 16 {
             return err("text.max_tokens", format!("{} is too small (>= 16, or 0 for the model's maximum)", self.text.max_tokens));

@@ -9,6 +9,8 @@
 //! - [`batcher`]: the dynamic batcher (bounded queue, size/token/deadline closing, grouping
 //!   by length, cancellation, backpressure) over a small synchronous `Backend` trait.
 //! - [`tagger`]: strategies (embedding similarity, NLI) and label-embedding caches.
+//! - [`scoring`]: the token budget → windows, relevance pooling of windows, calibration that
+//!   carries over to label names never fitted, and the evidence rule of adaptive compute.
 //! - [`processor`]: the `media.ingested` → `media.tagged` processor.
 //!
 //! ## Batching knobs and their trade-offs
@@ -23,11 +25,28 @@
 //!   latency at light load (10 ms of waiting measured +13 ms p50 at 10% load and no gain).
 //! - `queue_capacity` (1024): sequences waiting for the model; beyond it callers wait, which
 //!   pauses Kafka partitions upstream.
+//!
+//! ## Long media, unseen labels, adaptive compute (`tagging.text`, calibration; docs/quality.md)
+//! - `max_tokens_per_item` (12000, an hour of speech): text up to the budget is read whole in
+//!   overlapping windows of `max_tokens`; longer text gets as many windows as the budget pays
+//!   for ([`scoring::windows_for_budget`]), spread over all of it. Cost is linear in the windows
+//!   read. It replaces `max_windows`, which is refused with a message naming the new key.
+//! - `pooling` (`relevance`): windows are weighted by their evidence for the item's candidate
+//!   labels, contrasted with the item's typical window ([`scoring::pool`]), so an hour of
+//!   chatter does not outvote the minutes about the subject; `mean` weighs all alike.
+//! - calibration `transfer` (on): labels without a fitted (slope, bias) take the pairs of the
+//!   fitted labels nearest in embedding space, gated towards the global pair when none is near
+//!   ([`scoring::label_pair`]).
+//! - `adaptive_margin` with `min_evidence_tokens` (8): the body is skipped only when the item
+//!   has a description, title + description have enough informative tokens
+//!   ([`scoring::informative_tokens`]: not "Episode 12") and the lead's top-2 margin on the
+//!   item's scores is at least the margin.
 
 pub mod batcher;
 pub mod config;
 pub mod model;
 pub mod processor;
+pub mod scoring;
 pub mod tagger;
 
 pub use config::TaggerConfig;

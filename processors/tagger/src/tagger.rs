@@ -144,6 +144,9 @@ pub struct Tagger {
     label_fill: tokio::sync::Mutex<()>,
     model: ModelRef,
     manifest: Manifest,
+    /// Embeddings of each calibration's fitted labels (None: `embedding.calibration`; a kind:
+    /// that kind's calibration under its templates), for carrying pairs to unseen names.
+    fitted: HashMap<Option<MediaKind>, crate::scoring::FittedLabels>,
 }
 
 impl std::fmt::Debug for Tagger {
@@ -240,10 +243,12 @@ impl Tagger {
             model,
             manifest,
             cfg,
+            fitted: HashMap::new(),
         };
         let labels = tagger.cfg.labels.clone();
         let taxonomy = tagger.embed_taxonomy(&labels).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
         tagger.taxonomy = std::sync::RwLock::new(Arc::new(taxonomy));
+        tagger.fitted = tagger.embed_fitted().await.map_err(|e| LoadError::Torch(format!("embedding the calibrations' labels: {e}")))?;
         Ok(tagger)
     }
 
@@ -261,6 +266,33 @@ impl Tagger {
             }
         }
         Ok(Labels { names, vectors, kind_vectors })
+    }
+
+    /// The fitted labels of every calibration in use, embedded with their kind's templates.
+    async fn embed_fitted(&self) -> Result<HashMap<Option<MediaKind>, crate::scoring::FittedLabels>, BatchError> {
+        let mut out = HashMap::new();
+        if matches!(self.scorer, Scorer::Nli(_)) {
+            return Ok(out);
+        }
+        let mut todo: Vec<(Option<MediaKind>, &[String], &Calibration)> = Vec::new();
+        if let Some(c) = &self.cfg.embedding.calibration {
+            todo.push((None, self.cfg.embedding.templates.as_slice(), c));
+        }
+        for kind in self.cfg.embedding.kinds.keys() {
+            let ks = self.cfg.for_kind(*kind);
+            if let Some(c) = ks.calibration {
+                todo.push((Some(*kind), ks.templates, c));
+            }
+        }
+        for (key, templates, c) in todo {
+            if !c.transfer.enabled || c.labels.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = c.labels.keys().cloned().collect();
+            let vecs = self.embed_labels(templates, &names, &vec![Vec::new(); names.len()]).await?;
+            out.insert(key, names.into_iter().zip(vecs).collect());
+        }
+        Ok(out)
     }
 
     /// Replace the taxonomy without a restart (SIGHUP): the new labels are embedded first and
@@ -322,23 +354,40 @@ impl Tagger {
         e.batcher.infer(seqs).await
     }
 
-    /// Embed a whole text: windows, pooled (mean, renormalised). `None` for empty text.
+    /// Embed a whole text: its windows within `text.max_tokens_per_item`, mean-pooled and
+    /// renormalised (a label-independent embedding). `None` for empty text.
     pub async fn embed_document(&self, text: &str) -> Result<Option<Vec<f32>>, BatchError> {
-        self.embed_document_with(text, Admit::Wait).await
+        let rows = self.embed_windows(text, Admit::Wait).await?;
+        Ok((!rows.is_empty()).then(|| mean_pool(&rows)))
     }
 
-    async fn embed_document_with(&self, text: &str, admit: Admit) -> Result<Option<Vec<f32>>, BatchError> {
+    /// The windows an item's text is read in: whole up to the token budget; beyond it, as many
+    /// windows as the budget pays for, spread over the text (or from its head).
+    pub fn window_count(&self) -> Result<usize, BatchError> {
         let e = self.embedder()?;
         let t = &self.cfg.text;
+        Ok(crate::scoring::windows_for_budget(t.max_tokens_per_item, e.encoder.max_tokens, t.stride))
+    }
+
+    /// One embedding per window of `text` (empty for empty text).
+    async fn embed_windows(&self, text: &str, admit: Admit) -> Result<Vec<Vec<f32>>, BatchError> {
+        let e = self.embedder()?;
+        let t = &self.cfg.text;
+        let n = self.window_count()?;
         let windows = match t.placement {
-            Placement::Spread => e.encoder.windows_spread(text, t.max_windows, t.stride),
-            Placement::Head => e.encoder.windows(text, t.max_windows, t.stride),
+            Placement::Spread => e.encoder.windows_spread(text, n, t.stride),
+            Placement::Head => e.encoder.windows(text, n, t.stride),
         };
         if windows.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let rows = admit.infer(&e.batcher, windows).await?;
-        Ok(Some(mean_pool(&rows)))
+        admit.infer(&e.batcher, windows).await
+    }
+
+    /// Embed a text for scoring against `labels`: its windows pooled as `text.pooling` says.
+    async fn embed_for_labels(&self, text: &str, labels: &[Arc<Vec<f32>>], admit: Admit) -> Result<Option<Vec<f32>>, BatchError> {
+        let rows = self.embed_windows(text, admit).await?;
+        Ok((!rows.is_empty()).then(|| crate::scoring::pool(&rows, labels, self.cfg.text.pooling)))
     }
 
     /// The prompts of one label: each template, once per description where it has
@@ -489,14 +538,17 @@ impl Tagger {
                         None => taxonomy.vectors.clone(),
                     },
                 };
-                let margin = self.cfg.text.adaptive_margin;
+                let t = &self.cfg.text;
                 let has_more = req.transcript.as_deref().is_some_and(|t| !t.trim().is_empty());
                 let mut scored = None;
-                if margin > 0.0 && has_more {
+                // Adaptive compute: the lead alone decides only with evidence (a description,
+                // enough informative tokens) and a calibrated margin; "Episode 12" never does.
+                let lead_has_evidence = crate::scoring::lead_has_evidence(&req.title, req.description.as_deref(), t.min_evidence_tokens);
+                if t.adaptive_margin > 0.0 && has_more && lead_has_evidence {
                     let lead = req.lead();
-                    if let Some(doc) = self.embed_document_with(&lead, admit).await? {
-                        let s = self.score(&doc, &vectors, &names, ks);
-                        if top2_margin(&s) >= margin {
+                    if let Some(doc) = self.embed_for_labels(&lead, &vectors, admit).await? {
+                        let s = self.score(&doc, &vectors, &names, req.kind, ks);
+                        if crate::scoring::lead_is_decisive(&req.title, req.description.as_deref(), t.min_evidence_tokens, top2_margin(&s), t.adaptive_margin) {
                             scored = Some(s);
                         }
                     }
@@ -504,10 +556,10 @@ impl Tagger {
                 match scored {
                     Some(s) => s,
                     None => {
-                        let Some(doc) = self.embed_document_with(&text, admit).await? else {
+                        let Some(doc) = self.embed_for_labels(&text, &vectors, admit).await? else {
                             return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()) });
                         };
-                        self.score(&doc, &vectors, &names, ks)
+                        self.score(&doc, &vectors, &names, req.kind, ks)
                     }
                 }
             }
@@ -515,12 +567,16 @@ impl Tagger {
         Ok(self.rank(&names, &scores, ks.min_score))
     }
 
-    fn score(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], ks: KindSettings<'_>) -> Vec<f32> {
+    fn score(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], kind: MediaKind, ks: KindSettings<'_>) -> Vec<f32> {
         let cos: Vec<f32> = vectors.iter().map(|v| dot(doc, v)).collect();
         let e = &self.cfg.embedding;
         if ks.multi_label {
             match ks.calibration {
-                Some(c) => calibrated(&cos, names, c),
+                Some(c) => {
+                    let fitted = self.fitted.get(&Some(kind)).or_else(|| self.fitted.get(&None)).map_or(&[][..], |f| f.as_slice());
+                    let pairs: Vec<(f32, f32)> = names.iter().zip(vectors).map(|(n, v)| crate::scoring::label_pair(c, n, v, fitted)).collect();
+                    crate::scoring::calibrated_scores(&cos, &pairs)
+                }
                 None => cos.iter().map(|c| sigmoid((c - e.center) / e.scale)).collect(),
             }
         } else {
@@ -566,7 +622,8 @@ fn top2_margin(scores: &[f32]) -> f32 {
     if b.is_finite() { a - b } else { 1.0 }
 }
 
-/// Calibrated multi-label scores: `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label.
+/// Calibrated multi-label scores by label name alone (fitted pair, else the global pair):
+/// `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label.
 pub fn calibrated(cos: &[f32], names: &[String], c: &Calibration) -> Vec<f32> {
     let mean = cos.iter().sum::<f32>() / cos.len().max(1) as f32;
     cos.iter()
@@ -610,7 +667,7 @@ mod tests {
 
     #[test]
     fn calibration_uses_per_label_pairs_and_the_item_mean() {
-        let c = Calibration { slope: 10.0, bias: -1.0, labels: [("drama".to_string(), (10.0, 1.0))].into_iter().collect() };
+        let c = Calibration { slope: 10.0, bias: -1.0, labels: [("drama".to_string(), (10.0, 1.0))].into_iter().collect(), transfer: Default::default() };
         let s = calibrated(&[0.5, 0.5], &["Drama".into(), "western".into()], &c);
         assert!((s[0] - sigmoid(1.0)).abs() < 1e-6, "{s:?}");
         assert!((s[1] - sigmoid(-1.0)).abs() < 1e-6, "{s:?}");

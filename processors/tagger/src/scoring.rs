@@ -1,0 +1,261 @@
+//! Reading whole media and scoring it: the token budget → windows, relevance pooling of an
+//! item's windows, calibration that does not depend on the label's name, and the evidence
+//! rule of adaptive compute. Pure functions; `tagger.rs` wires them in.
+
+use std::sync::Arc;
+
+use crate::config::{Calibration, Pooling};
+
+/// Windows of `window_tokens` tokens (special tokens included) sharing `stride` tokens that
+/// cover `budget` content tokens contiguously (at least one).
+///
+/// The tagger reads text up to the budget whole; longer text gets this many windows, spread
+/// over all of it (`placement: spread`) or from its start (`placement: head`).
+pub fn windows_for_budget(budget: usize, window_tokens: usize, stride: usize) -> usize {
+    let body = window_tokens.saturating_sub(2).max(1);
+    let step = body.saturating_sub(stride).max(1);
+    if budget <= body {
+        1
+    } else {
+        (budget - body).div_ceil(step) + 1
+    }
+}
+
+/// How sharply relevance pooling prefers the windows with the most evidence (cosine units:
+/// a window whose evidence is 0.03 above another's gets e^(0.03·100) ≈ 20 times its weight).
+pub const RELEVANCE_SHARPNESS: f32 = 100.0;
+
+/// Each window's evidence for a label set. The window-label cosines are first contrasted with
+/// the item's typical window (per label, the median over the item's windows), which removes
+/// what every window shares (a recording's chatter leaning towards one label); a window's
+/// evidence is then how much its best label stands out from its mean over the labels. A window
+/// about one of the labels scores high; windows like most others score near zero.
+pub fn window_evidence(rows: &[Vec<f32>], labels: &[Arc<Vec<f32>>]) -> Vec<f32> {
+    if labels.is_empty() || rows.is_empty() {
+        return vec![0.0; rows.len()];
+    }
+    let cos: Vec<Vec<f32>> = rows.iter().map(|r| labels.iter().map(|l| dot(r, l)).collect()).collect();
+    let median: Vec<f32> = (0..labels.len())
+        .map(|j| {
+            let mut col: Vec<f32> = cos.iter().map(|c| c[j]).collect();
+            col.sort_by(f32::total_cmp);
+            let n = col.len();
+            if n % 2 == 1 { col[n / 2] } else { (col[n / 2 - 1] + col[n / 2]) / 2.0 }
+        })
+        .collect();
+    cos.iter()
+        .map(|c| {
+            let d: Vec<f32> = c.iter().zip(&median).map(|(x, m)| x - m).collect();
+            let best = d.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            best - d.iter().sum::<f32>() / d.len() as f32
+        })
+        .collect()
+}
+
+/// Pool an item's window embeddings into one L2-normalised embedding.
+///
+/// `Mean`: every window alike. `Relevance`: a softmax over the windows of
+/// `RELEVANCE_SHARPNESS × evidence` (see [`window_evidence`]) weights the mean, so the windows
+/// that speak about one of the candidate labels decide, however many windows of chatter
+/// surround them. With one window both give that window.
+pub fn pool(rows: &[Vec<f32>], labels: &[Arc<Vec<f32>>], pooling: Pooling) -> Vec<f32> {
+    let weights: Vec<f32> = match pooling {
+        Pooling::Mean => vec![1.0; rows.len()],
+        Pooling::Relevance => {
+            let ev: Vec<f32> = window_evidence(rows, labels).into_iter().map(|e| RELEVANCE_SHARPNESS * e).collect();
+            let m = ev.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            ev.iter().map(|e| (e - m).exp()).collect()
+        }
+    };
+    weighted_mean(rows, &weights)
+}
+
+/// Weighted mean of vectors, L2-normalised.
+pub fn weighted_mean(rows: &[Vec<f32>], weights: &[f32]) -> Vec<f32> {
+    let mut acc = vec![0f32; rows.first().map_or(0, |r| r.len())];
+    for (r, w) in rows.iter().zip(weights) {
+        acc.iter_mut().zip(r).for_each(|(a, x)| *a += w * x);
+    }
+    let n = acc.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        acc.iter_mut().for_each(|x| *x /= n);
+    }
+    acc
+}
+
+/// The embeddings of a calibration's fitted labels (their names under the kind's templates).
+pub type FittedLabels = Vec<(String, Arc<Vec<f32>>)>;
+
+/// (slope, bias) of a label for a calibration: its own fitted pair when it has one; else the
+/// fitted pairs carried over by label similarity ([`crate::config::Transfer`]), blended with
+/// the global pair by how near the nearest fitted label is.
+pub fn label_pair(c: &Calibration, name: &str, vector: &[f32], fitted: &[(String, Arc<Vec<f32>>)]) -> (f32, f32) {
+    if let Some(p) = c.own_pair(name) {
+        return p;
+    }
+    let t = &c.transfer;
+    let known: Vec<(f32, (f32, f32))> = fitted.iter().filter_map(|(n, v)| c.own_pair(n).map(|p| (dot(vector, v), p))).collect();
+    if !t.enabled || known.is_empty() {
+        return (c.slope, c.bias);
+    }
+    let best = known.iter().map(|(s, _)| *s).fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f32> = known.iter().map(|(s, _)| ((s - best) / t.temperature).exp()).collect();
+    let total: f32 = w.iter().sum();
+    let (a, b) = known.iter().zip(&w).fold((0.0, 0.0), |(a, b), ((_, p), w)| (a + w * p.0 / total, b + w * p.1 / total));
+    let g = 1.0 / (1.0 + (-(best - t.min_similarity) / t.width).exp());
+    (g * a + (1.0 - g) * c.slope, g * b + (1.0 - g) * c.bias)
+}
+
+/// Calibrated multi-label scores: `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label,
+/// with each label's pair from [`label_pair`].
+pub fn calibrated_scores(cos: &[f32], pairs: &[(f32, f32)]) -> Vec<f32> {
+    let mean = cos.iter().sum::<f32>() / cos.len().max(1) as f32;
+    cos.iter().zip(pairs).map(|(x, (a, b))| 1.0 / (1.0 + (-(a * (x - mean) + b)).exp())).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// English function words, and words that name a piece of media without saying what it is
+/// about ("Episode 12", "Part 3: Live"): neither is evidence of a subject.
+const UNINFORMATIVE: &[&str] = &[
+    "the", "and", "for", "with", "from", "that", "this", "these", "those", "are", "was", "were", "been", "being", "have", "has", "had", "not", "but", "its",
+    "his", "her", "hers", "their", "them", "they", "you", "your", "our", "ours", "who", "whom", "what", "which", "when", "where", "why", "how", "all", "any",
+    "can", "could", "will", "would", "shall", "should", "may", "might", "must", "into", "onto", "over", "under", "about", "after", "before", "than", "then",
+    "there", "here", "also", "just", "only", "very", "more", "most", "some", "such", "one", "two", "three", "out", "off", "again", "ever", "every", "each",
+    "did", "does", "doing", "done", "she", "him", "himself", "herself", "itself", "yourself", "myself", "ourselves", "themselves", "let", "lets", "get",
+    "got", "now", "new", "via", "per", "yet", "too", "own", "same", "other", "both", "few", "many", "much", "because", "while", "until", "upon", "between",
+    // generic media words
+    "episode", "episodes", "ep", "part", "parts", "chapter", "season", "series", "volume", "vol", "issue", "untitled", "video", "videos", "clip", "clips",
+    "podcast", "show", "live", "stream", "recording", "audio", "full", "official", "trailer", "teaser", "highlights", "update", "edition", "special",
+    "bonus", "intro", "introduction", "session", "week", "weekly", "daily", "day", "today", "tonight", "morning", "night", "number", "draft", "final",
+    "version", "copy", "file", "untitled", "media", "item", "content", "watch", "listen", "welcome", "hello",
+];
+
+/// Informative tokens of a text: words of at least 3 letters that are neither function words
+/// nor generic media words, and not numbers. "Episode 12" has none; a film's bare name has
+/// one or two; a description sentence has several.
+pub fn informative_tokens(text: &str) -> usize {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .map(|w| w.trim_matches('\'').to_lowercase())
+        .filter(|w| w.chars().filter(|c| c.is_alphabetic()).count() >= 3)
+        .filter(|w| !w.chars().any(|c| c.is_ascii_digit()))
+        .filter(|w| !UNINFORMATIVE.contains(&w.as_str()))
+        .count()
+}
+
+/// The evidence half of adaptive compute's rule: the body may be skipped only when the item
+/// has a description and its title + description carry at least `min_tokens` informative
+/// tokens. `min_tokens == 0` turns the evidence check off (the margin alone decides, the rule
+/// before it existed).
+pub fn lead_has_evidence(title: &str, description: Option<&str>, min_tokens: usize) -> bool {
+    if min_tokens == 0 {
+        return true;
+    }
+    let Some(d) = description.map(str::trim).filter(|d| !d.is_empty()) else {
+        return false;
+    };
+    informative_tokens(title) + informative_tokens(d) >= min_tokens
+}
+
+/// Adaptive compute's whole rule: evidence in the lead ([`lead_has_evidence`]) and a margin of
+/// at least `min_margin` between the lead's two best calibrated scores.
+pub fn lead_is_decisive(title: &str, description: Option<&str>, min_tokens: usize, calibrated_margin: f32, min_margin: f32) -> bool {
+    lead_has_evidence(title, description, min_tokens) && calibrated_margin >= min_margin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Transfer;
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn budget_pays_for_contiguous_windows() {
+        // 256-token windows hold 254 content tokens, 222 new ones each after the first.
+        assert_eq!(windows_for_budget(10, 256, 32), 1);
+        assert_eq!(windows_for_budget(254, 256, 32), 1);
+        assert_eq!(windows_for_budget(255, 256, 32), 2);
+        assert_eq!(windows_for_budget(254 + 222, 256, 32), 2);
+        assert_eq!(windows_for_budget(254 + 222 + 1, 256, 32), 3);
+        // The default budget, an hour of speech: 54 windows of 256 tokens.
+        assert_eq!(windows_for_budget(12_000, 256, 32), 54);
+        // Degenerate settings never give zero windows or divide by zero.
+        assert_eq!(windows_for_budget(100, 2, 32), 100);
+    }
+
+    #[test]
+    fn relevance_pooling_is_not_outvoted_by_chatter() {
+        let labels: Vec<Arc<Vec<f32>>> = vec![Arc::new(unit(&[1.0, 0.0, 0.0])), Arc::new(unit(&[0.0, 1.0, 0.0]))];
+        // One window about label 0, ten windows of chatter leaning weakly towards label 1.
+        let mut rows = vec![unit(&[0.9, 0.1, 0.3])];
+        rows.extend(std::iter::repeat(unit(&[0.05, 0.25, 1.0])).take(10));
+        let cos = |v: &[f32]| (dot(v, &labels[0]), dot(v, &labels[1]));
+        let (m0, m1) = cos(&pool(&rows, &labels, Pooling::Mean));
+        assert!(m1 > m0, "the mean follows the chatter: {m0} {m1}");
+        let (r0, r1) = cos(&pool(&rows, &labels, Pooling::Relevance));
+        assert!(r0 > r1 + 0.3, "relevance pooling follows the window about the subject: {r0} {r1}");
+        // One window: both poolings give it back.
+        let one = vec![unit(&[0.3, 0.4, 0.5])];
+        for p in [Pooling::Mean, Pooling::Relevance] {
+            let v = pool(&one, &labels, p);
+            assert!(v.iter().zip(&one[0]).all(|(a, b)| (a - b).abs() < 1e-6));
+        }
+        // Windows with equal evidence are averaged as the mean would.
+        let twins = vec![unit(&[1.0, 0.0, 0.2]), unit(&[1.0, 0.0, -0.2])];
+        let (a, b) = (pool(&twins, &labels, Pooling::Relevance), pool(&twins, &labels, Pooling::Mean));
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6));
+    }
+
+    #[test]
+    fn generic_titles_carry_no_evidence() {
+        assert_eq!(informative_tokens("Episode 12"), 0);
+        assert_eq!(informative_tokens("Part 3: Live at 9pm - full recording"), 0);
+        assert_eq!(informative_tokens("Avatar"), 1);
+        assert!(informative_tokens("Stefan Koubek says he has been banned for three months by the International Tennis Federation") >= 8);
+        // No description: always read the body, whatever the margin.
+        assert!(!lead_is_decisive("Koubek suspended after drugs test ruling by the tennis federation", None, 8, 0.9, 0.5));
+        assert!(!lead_is_decisive("Episode 12", Some("  "), 8, 0.9, 0.5));
+        // A description with too few informative tokens: read the body.
+        assert!(!lead_is_decisive("Episode 12", Some("This week: more of the same."), 8, 0.9, 0.5));
+        let d = Some("Stefan Koubek says he has been banned for three months by the International Tennis Federation.");
+        assert!(lead_is_decisive("Koubek suspended", d, 8, 0.6, 0.5));
+        assert!(!lead_is_decisive("Koubek suspended", d, 8, 0.4, 0.5), "evidence without a margin is not enough");
+        // 0 informative tokens required: the margin alone decides (the rule before).
+        assert!(lead_is_decisive("Episode 12", None, 0, 0.6, 0.5));
+    }
+
+    #[test]
+    fn calibration_transfers_to_near_label_names() {
+        let c = Calibration {
+            slope: 10.0,
+            bias: -2.0,
+            labels: [("science fiction".to_string(), (30.0, -3.0)), ("drama".to_string(), (8.0, 0.0))].into_iter().collect(),
+            transfer: Transfer::default(),
+        };
+        let fitted: FittedLabels = vec![("science fiction".into(), Arc::new(unit(&[1.0, 0.0, 0.0]))), ("drama".into(), Arc::new(unit(&[0.0, 1.0, 0.0])))];
+        // A fitted name keeps its own pair, whatever its vector.
+        assert_eq!(label_pair(&c, "Drama", &unit(&[0.0, 0.0, 1.0]), &fitted), (8.0, 0.0));
+        // A paraphrase near one fitted label takes (nearly) its pair.
+        let (a, b) = label_pair(&c, "sci-fi", &unit(&[0.95, 0.05, 0.3]), &fitted);
+        assert!((a - 30.0).abs() < 0.5 && (b + 3.0).abs() < 0.1, "{a} {b}");
+        // A label far from every fitted one gets the global pair.
+        let (a, b) = label_pair(&c, "budget airlines", &unit(&[0.1, 0.1, 1.0]), &fitted);
+        assert!((a - 10.0).abs() < 0.01 && (b + 2.0).abs() < 0.01, "{a} {b}");
+        // Transfer off: the global pair, as before.
+        let off = Calibration { transfer: Transfer { enabled: false, ..Transfer::default() }, ..c.clone() };
+        assert_eq!(label_pair(&off, "sci-fi", &unit(&[0.95, 0.05, 0.3]), &fitted), (10.0, -2.0));
+        // Scores: per-item normalisation (cos minus the item's mean over its candidates), so
+        // adding a constant to every cosine leaves them unchanged.
+        let pairs = [(10.0, 0.0), (10.0, 0.0)];
+        let s1 = calibrated_scores(&[0.3, 0.5], &pairs);
+        let s2 = calibrated_scores(&[0.6, 0.8], &pairs);
+        assert!(s1.iter().zip(&s2).all(|(x, y)| (x - y).abs() < 1e-6));
+        assert!((s1[1] - 1.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6);
+    }
+}
