@@ -2,7 +2,6 @@
 //! needed) into the tonic service and prost messages, plus the encoded descriptor set that the
 //! gRPC reflection service serves.
 
-
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -62,13 +62,8 @@ async fn evaluate_films(tagger: Arc<Tagger>, films: &[Film], genres: &[String]) 
         .iter()
         .map(|f| {
             let t = tagger.clone();
-            let req = TagRequest {
-                title: f.title.clone(),
-                description: Some(f.overview.clone()),
-                candidate_labels: Some(genres.to_vec()),
-                kind: MediaKind::Movie,
-                ..Default::default()
-            };
+            let req =
+                TagRequest { title: f.title.clone(), description: Some(f.overview.clone()), candidate_labels: Some(genres.to_vec()), kind: MediaKind::Movie, ..Default::default() };
             tokio::spawn(async move { t.tag(&req).await })
         })
         .collect();
@@ -148,11 +143,7 @@ async fn evaluate(tagger: Arc<Tagger>, articles: &[Article], titles_only: bool) 
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let topo = Topology::load(&a.topology)?;
-    let articles: Vec<Article> = std::fs::read_to_string(&a.data)?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let articles: Vec<Article> = std::fs::read_to_string(&a.data)?.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
     let step = a.limit.map_or(1, |n| (articles.len() / n.max(1)).max(1));
     let articles: Vec<Article> = articles.into_iter().step_by(step).take(a.limit.unwrap_or(usize::MAX)).collect();
     let mut variants = vec![("default (topology.yaml)".to_string(), serde_yaml::Value::Null)];
@@ -195,7 +186,14 @@ async fn main() -> anyhow::Result<()> {
         let num = |x: f64, d: usize| if x.is_nan() { "–".to_string() } else { format!("{x:.d$}") };
         md += &format!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            pct(full), num(full_ips, 1), pct(titles), num(titles_ips, 1), num(lrap, 3), num(p1, 3), num(f1, 3), num(film_ips, 1)
+            pct(full),
+            num(full_ips, 1),
+            pct(titles),
+            num(titles_ips, 1),
+            num(lrap, 3),
+            num(p1, 3),
+            num(f1, 3),
+            num(film_ips, 1)
         );
         let j = |x: f64| if x.is_nan() { serde_json::Value::Null } else { json!(x) };
         rows.push(json!({"configuration": name, "override": serde_json::to_value(&over)?, "full_text": j(full), "full_items_per_s": j(full_ips), "titles_only": j(titles), "titles_items_per_s": j(titles_ips),

@@ -21,11 +21,8 @@ struct Args {
     font: Option<PathBuf>,
 }
 
-const FONTS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-];
+const FONTS: &[&str] =
+    &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"];
 
 const SIZE: (u32, u32) = (900, 560);
 const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
@@ -34,9 +31,11 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let font = match &args.font {
         Some(f) => f.clone(),
-        None => FONTS.iter().map(PathBuf::from).find(|p| p.exists()).context(
-            "no TrueType font found: install fonts-dejavu-core (apt-get install fonts-dejavu-core) or pass --font FILE.ttf",
-        )?,
+        None => FONTS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("no TrueType font found: install fonts-dejavu-core (apt-get install fonts-dejavu-core) or pass --font FILE.ttf")?,
     };
     let bytes: &'static [u8] = Box::leak(std::fs::read(&font).with_context(|| format!("reading {}", font.display()))?.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{} is not a usable TrueType font", font.display()))?;
@@ -80,7 +79,10 @@ where
 {
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).position(SeriesLabelPosition::UpperLeft).draw()?;
@@ -127,15 +129,13 @@ fn precision(v: &Value, png: &Path) -> Result<()> {
 fn candidates(v: &Value, png: &Path) -> Result<()> {
     let speed = v["speed"].as_array().context("precision-candidates.json has no speed rows")?;
     let names: Vec<String> = v["candidates"].as_array().context("no candidates")?.iter().filter_map(|c| c["name"].as_str().map(str::to_string)).collect();
-    let fp32 = |tokens: i64, batch: i64| speed.iter().find(|r| r["tokens"].as_i64() == Some(tokens) && r["batch"].as_i64() == Some(batch)).and_then(|r| r["items_per_s"]["fp32"].as_f64());
+    let fp32 =
+        |tokens: i64, batch: i64| speed.iter().find(|r| r["tokens"].as_i64() == Some(tokens) && r["batch"].as_i64() == Some(batch)).and_then(|r| r["items_per_s"]["fp32"].as_f64());
     let mut pts: Vec<(String, f64, f64)> = Vec::new();
     for n in &names {
         let Some(d) = v["drift"][n.as_str()]["max"].as_f64() else { continue };
         // Geometric mean of the speed-ups over every (tokens, batch) point of the run.
-        let ratios: Vec<f64> = speed
-            .iter()
-            .filter_map(|r| Some(r["items_per_s"][n.as_str()].as_f64()? / fp32(r["tokens"].as_i64()?, r["batch"].as_i64()?)?))
-            .collect();
+        let ratios: Vec<f64> = speed.iter().filter_map(|r| Some(r["items_per_s"][n.as_str()].as_f64()? / fp32(r["tokens"].as_i64()?, r["batch"].as_i64()?)?)).collect();
         if ratios.is_empty() {
             continue;
         }
@@ -159,7 +159,10 @@ fn candidates(v: &Value, png: &Path) -> Result<()> {
         .x_label_formatter(&|x| format!("{x:.0e}"))
         .label_style(("sans-serif", 14))
         .draw()?;
-    chart.draw_series(LineSeries::new([(0.002, 0.0), (0.002, y_max)], BLACK.mix(0.5)))?.label("drift bound 0.002").legend(|(px, py)| PathElement::new([(px, py), (px + 16, py)], BLACK.mix(0.5)));
+    chart
+        .draw_series(LineSeries::new([(0.002, 0.0), (0.002, y_max)], BLACK.mix(0.5)))?
+        .label("drift bound 0.002")
+        .legend(|(px, py)| PathElement::new([(px, py), (px + 16, py)], BLACK.mix(0.5)));
     for (i, (name, x, y)) in pts.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart.draw_series(std::iter::once(Circle::new((*x, *y), 7, c.filled())))?.label(name.as_str()).legend(move |(px, py)| Circle::new((px + 8, py), 5, c.filled()));
@@ -190,8 +193,7 @@ fn throughput(v: &Value, png: &Path) -> Result<()> {
 /// Accuracy against items/s, one point per windowing configuration (`./benches/run windows`).
 fn windows(v: &Value, png: &Path) -> Result<()> {
     let rows = v["results"].as_array().context("windows.json has no results")?;
-    let pts: Vec<(String, f64, f64)> =
-        rows.iter().filter_map(|r| Some((r["configuration"].as_str()?.to_string(), f(r, "full_items_per_s")?, f(r, "full_text")?))).collect();
+    let pts: Vec<(String, f64, f64)> = rows.iter().filter_map(|r| Some((r["configuration"].as_str()?.to_string(), f(r, "full_items_per_s")?, f(r, "full_text")?))).collect();
     anyhow::ensure!(!pts.is_empty(), "no configuration has full-text results");
     let x_max = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.25;
     let (y_lo, y_hi) = pts.iter().fold((100.0f64, 0.0f64), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));

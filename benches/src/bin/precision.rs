@@ -315,9 +315,7 @@ fn probe_in_child(a: &Args, c: &Candidate) -> serde_json::Value {
         return json!(null);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let out = std::process::Command::new(exe)
-        .args(["--probe-load", &c.file.display().to_string(), "--threads", &a.threads.to_string(), "--device", &a.device])
-        .output();
+    let out = std::process::Command::new(exe).args(["--probe-load", &c.file.display().to_string(), "--threads", &a.threads.to_string(), "--device", &a.device]).output();
     match out {
         Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or(json!(null)),
         Ok(o) => json!({"error": String::from_utf8_lossy(&o.stderr).trim().to_string()}),

@@ -126,9 +126,7 @@ impl Auth {
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Auth>, AuthConfigError> {
         let nonempty = |k: &str| var(k).filter(|v| !v.is_empty());
         let secret = match (nonempty(ENV_HS256_SECRET), nonempty(ENV_HS256_SECRET_FILE)) {
-            (Some(_), Some(_)) => {
-                return Err(AuthConfigError { var: ENV_HS256_SECRET, message: format!("set either {ENV_HS256_SECRET} or {ENV_HS256_SECRET_FILE}, not both") })
-            }
+            (Some(_), Some(_)) => return Err(AuthConfigError { var: ENV_HS256_SECRET, message: format!("set either {ENV_HS256_SECRET} or {ENV_HS256_SECRET_FILE}, not both") }),
             (Some(s), None) => Some(s.into_bytes()),
             (None, Some(f)) => {
                 let s = std::fs::read_to_string(&f).map_err(|e| AuthConfigError { var: ENV_HS256_SECRET_FILE, message: format!("cannot read {f}: {e}") })?;

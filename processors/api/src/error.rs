@@ -216,7 +216,9 @@ impl From<TagError> for ApiError {
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
         match e {
-            ReadError::BadPageToken(why) => ApiError::InvalidQuery(FieldError::new("page", format!("not a page token issued by this service ({why}): pass the previous page's `next_page`"))),
+            ReadError::BadPageToken(why) => {
+                ApiError::InvalidQuery(FieldError::new("page", format!("not a page token issued by this service ({why}): pass the previous page's `next_page`")))
+            }
             ReadError::Db(m) => ApiError::unavailable(format!("database: {m}")),
         }
     }
@@ -287,12 +289,30 @@ mod tests {
     #[test]
     fn tagger_read_and_auth_errors_map_to_their_kinds() {
         let cases: Vec<(ApiError, StatusCode, Code, &str, Option<&str>)> = vec![
-            (TagError::InvalidLabels("blank label".into()).into(), StatusCode::UNPROCESSABLE_ENTITY, Code::InvalidArgument, "candidate_labels: blank label", Some("candidate_labels")),
+            (
+                TagError::InvalidLabels("blank label".into()).into(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Code::InvalidArgument,
+                "candidate_labels: blank label",
+                Some("candidate_labels"),
+            ),
             (TagError::Model(BatchError::QueueFull).into(), StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted, "the tagging queue is full: retry in 1 s", None),
-            (TagError::Model(BatchError::Overloaded("CUDA".into())).into(), StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "the model is out of memory (CUDA): retry later", None),
+            (
+                TagError::Model(BatchError::Overloaded("CUDA".into())).into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "the model is out of memory (CUDA): retry later",
+                None,
+            ),
             (TagError::Model(BatchError::Stopped).into(), StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "the model is shutting down", None),
             (TagError::Model(BatchError::Model("shape".into())).into(), StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, "model error: shape", None),
-            (ReadError::BadPageToken("zzz".into()).into(), StatusCode::BAD_REQUEST, Code::InvalidArgument, "page: not a page token issued by this service (zzz): pass the previous page's `next_page`", Some("page")),
+            (
+                ReadError::BadPageToken("zzz".into()).into(),
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                "page: not a page token issued by this service (zzz): pass the previous page's `next_page`",
+                Some("page"),
+            ),
             (ReadError::Db("timeout".into()).into(), StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, "database: timeout", None),
             (AuthError::Missing.into(), StatusCode::UNAUTHORIZED, Code::Unauthenticated, "missing bearer token: send `Authorization: Bearer <JWT>`", None),
         ];

@@ -17,9 +17,9 @@ use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::error::ApiError;
 use crate::proto::tagger_server::{Tagger as TaggerRpc, TaggerServer};
 use crate::proto::{Tag, TagRequest, TagResponse};
-use crate::error::ApiError;
 use crate::validate::TagInput;
 use crate::ApiState;
 
@@ -80,14 +80,9 @@ impl TaggerRpc for TaggerService {
                     match tag_one(&state, r, true).await {
                         Ok(resp) => Ok(resp),
                         // A rejected item is answered in its response; the stream goes on.
-                        Err(e @ ApiError::InvalidField(_)) => Ok(TagResponse {
-                            tags: vec![],
-                            no_tags_reason: None,
-                            strategy: String::new(),
-                            model: String::new(),
-                            request_id: id,
-                            error: Some(e.to_string()),
-                        }),
+                        Err(e @ ApiError::InvalidField(_)) => {
+                            Ok(TagResponse { tags: vec![], no_tags_reason: None, strategy: String::new(), model: String::new(), request_id: id, error: Some(e.to_string()) })
+                        }
                         Err(e) => Err(Status::from(e)),
                     }
                 }

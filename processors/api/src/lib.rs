@@ -35,8 +35,8 @@ use std::time::Duration;
 use rdkafka::producer::FutureProducer;
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::telemetry::Health;
-use streamoasis_pipeline::CancellationToken;
 use streamoasis_pipeline::topology::Topology;
+use streamoasis_pipeline::CancellationToken;
 use streamoasis_sink::read::Reader;
 use streamoasis_sink::SinkConfig;
 use streamoasis_tagger::Tagger;
@@ -84,14 +84,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_body_bytes: 1 << 20,
-            max_text_bytes: 64 * 1024,
-            max_media_items: 1000,
-            max_page: 1000,
-            request_timeout: Duration::from_secs(30),
-            stream_concurrency: 64,
-        }
+        Limits { max_body_bytes: 1 << 20, max_text_bytes: 64 * 1024, max_media_items: 1000, max_page: 1000, request_timeout: Duration::from_secs(30), stream_concurrency: 64 }
     }
 }
 
@@ -225,9 +218,7 @@ pub async fn serve(listeners: Listeners, state: Arc<ApiState>, shutdown: Cancell
     tracing::info!(%http_addr, %grpc_addr, auth = state.auth.enabled(), "api serving");
     let app = rest::router(state.clone());
     let s1 = shutdown.clone();
-    let http = async move {
-        axum::serve(listeners.http, app).with_graceful_shutdown(async move { s1.cancelled().await }).await.map_err(anyhow::Error::from)
-    };
+    let http = async move { axum::serve(listeners.http, app).with_graceful_shutdown(async move { s1.cancelled().await }).await.map_err(anyhow::Error::from) };
     let s2 = shutdown.clone();
     let grpc = grpc::serve(listeners.grpc, state, async move { s2.cancelled().await });
     let (a, b) = tokio::join!(http, grpc);

@@ -27,8 +27,8 @@ use utoipa::OpenApi;
 
 use crate::error::ApiError;
 use crate::types::{
-    Accepted, ByTagItem, ByTagQuery, ByTagResponse, ErrorBody, ErrorDetail, GenerateMetadataResponse, MediaBatch, MediaBody, MediaItem, MediaTagsResponse, Metadata, TagBody, TagOut,
-    TagResponse, MEDIA_BODY_SHAPE,
+    Accepted, ByTagItem, ByTagQuery, ByTagResponse, ErrorBody, ErrorDetail, GenerateMetadataResponse, MediaBatch, MediaBody, MediaItem, MediaTagsResponse, Metadata, TagBody,
+    TagOut, TagResponse, MEDIA_BODY_SHAPE,
 };
 use crate::validate::{self, FieldError, TagInput};
 use crate::ApiState;
@@ -186,9 +186,7 @@ async fn post_media(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRe
         let p = ingest.codec.encode(&ingest.topic, e).await.map_err(|x| ApiError::unavailable(format!("schema registry: {x}")))?;
         payloads.push(p);
     }
-    let sends = events.iter().zip(&payloads).map(|(e, p)| {
-        ingest.producer.send(FutureRecord::to(&ingest.topic).key(&e.media_id).payload(p), st.limits.request_timeout)
-    });
+    let sends = events.iter().zip(&payloads).map(|(e, p)| ingest.producer.send(FutureRecord::to(&ingest.topic).key(&e.media_id).payload(p), st.limits.request_timeout));
     for r in futures::future::join_all(sends).await {
         r.map_err(|(x, _)| ApiError::unavailable(format!("kafka: {x}")))?;
     }
@@ -468,7 +466,12 @@ mod tests {
         let body = &doc["paths"]["/v1/media"]["post"]["requestBody"]["content"]["application/json"]["schema"];
         assert_eq!(body["$ref"], "#/components/schemas/MediaBody", "{body}");
         let shapes = &doc["components"]["schemas"]["MediaBody"]["oneOf"];
-        assert_eq!(shapes, &serde_json::json!([{"$ref": "#/components/schemas/MediaBatch"}, {"$ref": "#/components/schemas/MediaItem"}]), "{}", doc["components"]["schemas"]["MediaBody"]);
+        assert_eq!(
+            shapes,
+            &serde_json::json!([{"$ref": "#/components/schemas/MediaBatch"}, {"$ref": "#/components/schemas/MediaItem"}]),
+            "{}",
+            doc["components"]["schemas"]["MediaBody"]
+        );
         let item = &doc["components"]["schemas"]["MediaItem"];
         assert_eq!(item["required"], serde_json::json!(["media_id", "title"]), "{item}");
         assert_eq!(item["properties"]["media_id"]["type"], "string", "{item}");

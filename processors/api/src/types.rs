@@ -248,7 +248,6 @@ pub struct Metadata {
     pub generated_at: Option<i64>,
 }
 
-
 #[cfg(test)]
 mod tests {
     use streamoasis_pipeline::events::{MediaKind, Strategy};

@@ -49,8 +49,7 @@ pub struct TagInput {
 /// Parse a media kind name (`VIDEO`, `episode`, ...): unknown names are rejected.
 pub fn kind(field: &str, k: &str) -> Result<MediaKind, FieldError> {
     const NAMES: &str = "VIDEO, EPISODE, MOVIE, CLIP, TRAILER, LIVE, PODCAST, ARTICLE, ATTRACTION, OTHER";
-    serde_json::from_value(serde_json::Value::String(k.trim().to_ascii_uppercase()))
-        .map_err(|_| FieldError::new(field, format!("unknown kind '{k}': use one of {NAMES}")))
+    serde_json::from_value(serde_json::Value::String(k.trim().to_ascii_uppercase())).map_err(|_| FieldError::new(field, format!("unknown kind '{k}': use one of {NAMES}")))
 }
 
 fn text(field: &str, v: &str, limits: &Limits) -> Result<(), FieldError> {
@@ -130,14 +129,7 @@ fn media_event(it: MediaItem, now: i64, tagger: &Tagger, limits: &Limits) -> Res
         return Err(FieldError::new("media_id", "longer than 512 bytes"));
     }
     let title = it.title.ok_or_else(|| FieldError::new("title", "missing: every item needs a title (it may be empty when description or transcript has text)"))?;
-    let input = TagInput {
-        title,
-        description: it.description,
-        transcript: it.transcript,
-        candidate_labels: it.candidate_labels,
-        kind: it.kind,
-        language: it.language.clone(),
-    };
+    let input = TagInput { title, description: it.description, transcript: it.transcript, candidate_labels: it.candidate_labels, kind: it.kind, language: it.language.clone() };
     let (req, kind) = tag_request(input, tagger, limits)?;
     Ok(MediaIngested {
         media_id: id.to_string(),

@@ -108,9 +108,8 @@ async fn metrics_move_health_answers_and_traces_connect_across_processes() {
     // 20 items through `streamoasis produce`, which starts one trace per item.
     let n = 20;
     let items = tmp.join(format!("items-{}.jsonl", env.id));
-    let lines: Vec<String> = (0..n)
-        .map(|i| serde_json::json!({"media_id": format!("obs-{i:02}"), "title": format!("The team won the final, match report {i}"), "kind": "CLIP"}).to_string())
-        .collect();
+    let lines: Vec<String> =
+        (0..n).map(|i| serde_json::json!({"media_id": format!("obs-{i:02}"), "title": format!("The team won the final, match report {i}"), "kind": "CLIP"}).to_string()).collect();
     std::fs::write(&items, lines.join("\n")).unwrap();
     let mut produce = spawn(&env, &["produce", items.to_str().unwrap(), "--quiet"], &otel, &log);
     assert!(produce.wait().unwrap().success(), "produce (log: {})", log.display());

@@ -9,8 +9,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::codec::Codec;
 use crate::client::client_config;
+use crate::codec::Codec;
 use crate::topology::{TopicSpec, Topology};
 
 /// What `apply` did to one object.

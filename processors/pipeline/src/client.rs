@@ -97,18 +97,20 @@ pub fn check(m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
         let mechanism = m.get("sasl.mechanism").map(|s| s.to_ascii_uppercase()).unwrap_or_else(|| "GSSAPI".into());
         if mechanism == "PLAIN" || mechanism.starts_with("SCRAM-") {
             if !m.contains_key("sasl.username") {
-                return Err(ConfigError::new(env::SASL_USERNAME, format!("security.protocol {protocol} with {mechanism} needs a user: set {} (or kafka.client sasl.username)", env::SASL_USERNAME)));
+                return Err(ConfigError::new(
+                    env::SASL_USERNAME,
+                    format!("security.protocol {protocol} with {mechanism} needs a user: set {} (or kafka.client sasl.username)", env::SASL_USERNAME),
+                ));
             }
             if !m.contains_key("sasl.password") {
-                return Err(ConfigError::new(env::SASL_PASSWORD, format!("security.protocol {protocol} with {mechanism} needs a password: set {0} or {0}_FILE", env::SASL_PASSWORD)));
+                return Err(ConfigError::new(
+                    env::SASL_PASSWORD,
+                    format!("security.protocol {protocol} with {mechanism} needs a password: set {0} or {0}_FILE", env::SASL_PASSWORD),
+                ));
             }
         }
     }
-    for (key, var) in [
-        ("ssl.ca.location", env::SSL_CA_LOCATION),
-        ("ssl.certificate.location", env::SSL_CERTIFICATE_LOCATION),
-        ("ssl.key.location", env::SSL_KEY_LOCATION),
-    ] {
+    for (key, var) in [("ssl.ca.location", env::SSL_CA_LOCATION), ("ssl.certificate.location", env::SSL_CERTIFICATE_LOCATION), ("ssl.key.location", env::SSL_KEY_LOCATION)] {
         if let Some(p) = m.get(key) {
             if p != "probe" && !Path::new(p).is_file() {
                 return Err(ConfigError::new(var, format!("{key} '{p}' is not a readable file (set {var} or kafka.client {key} to a PEM file)")));
@@ -176,12 +178,7 @@ pub fn transactional_producer(brokers: &str, extra: &BTreeMap<String, String>, g
         format!("{group}-{host}")
     });
     let mut c = client_config(brokers, extra);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("transactional.id", id)
-        .set("transaction.timeout.ms", "30000");
+    c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "lz4").set("transactional.id", id).set("transaction.timeout.ms", "30000");
     c.create()
 }
 
@@ -270,7 +267,13 @@ mod tests {
     #[test]
     fn the_guarantee_s_properties_win_over_kafka_client() {
         let spec: ProcessorSpec = serde_yaml::from_str("{input: a, dlq: b, group: g, max_prefetch_kbytes: 2048}").unwrap();
-        let user = map(&[("enable.auto.offset.store", "true"), ("group.id", "other"), ("isolation.level", "read_uncommitted"), ("message.max.bytes", "20000000"), ("session.timeout.ms", "45000")]);
+        let user = map(&[
+            ("enable.auto.offset.store", "true"),
+            ("group.id", "other"),
+            ("isolation.level", "read_uncommitted"),
+            ("message.max.bytes", "20000000"),
+            ("session.timeout.ms", "45000"),
+        ]);
         let c = consumer_config("b:9092", &user, &spec, false);
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.id"), Some("g"));

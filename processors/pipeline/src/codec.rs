@@ -140,8 +140,7 @@ impl RegistryAuth {
         if let Some((user, pass)) = &self.basic {
             b.set_basic_authorization(user, pass.as_ref().map(Secret::expose));
         }
-        b.build_with(self.http()?)
-            .map_err(|e| CodecError::Incompatible(format!("bad SCHEMA_REGISTRY_URL '{}': {e}", secret::redact_url(url))))
+        b.build_with(self.http()?).map_err(|e| CodecError::Incompatible(format!("bad SCHEMA_REGISTRY_URL '{}': {e}", secret::redact_url(url))))
     }
 }
 
@@ -219,9 +218,7 @@ impl Codec {
         let resp = req.send().await.map_err(|e| CodecError::Unavailable(format!("GET {url}: {e} (is SCHEMA_REGISTRY_URL right and the registry up?)")))?;
         match resp.status() {
             s if s.is_success() => Ok(()),
-            s @ (reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN) => {
-                Err(CodecError::Unavailable(format!("GET {url}: {s} (check {REGISTRY_AUTH_ENV})")))
-            }
+            s @ (reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN) => Err(CodecError::Unavailable(format!("GET {url}: {s} (check {REGISTRY_AUTH_ENV})"))),
             s => Err(CodecError::Unavailable(format!("GET {url}: {s}"))),
         }
     }
@@ -234,26 +231,20 @@ impl Codec {
         if let Some((user, pass)) = &self.auth.basic {
             req = req.basic_auth(user, pass.as_ref().map(Secret::expose));
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| CodecError::Unavailable(format!("PUT {url}: {e}")))?;
+        let resp = req.send().await.map_err(|e| CodecError::Unavailable(format!("PUT {url}: {e}")))?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.text().await.unwrap_or_default();
             return Err(CodecError::Unavailable(format!("PUT {url}: {status} {body}")));
         }
         let schema = SuppliedSchema::new(None, SchemaType::Avro, avsc.to_string());
-        post_schema(&self.settings, subject.to_string(), schema)
-            .await
-            .map(|r| r.id)
-            .map_err(|e: SRCError| {
-                if e.retriable {
-                    CodecError::Unavailable(e.to_string())
-                } else {
-                    CodecError::Incompatible(format!("registering {subject}: {e}"))
-                }
-            })
+        post_schema(&self.settings, subject.to_string(), schema).await.map(|r| r.id).map_err(|e: SRCError| {
+            if e.retriable {
+                CodecError::Unavailable(e.to_string())
+            } else {
+                CodecError::Incompatible(format!("registering {subject}: {e}"))
+            }
+        })
     }
 
     /// Frame an Avro datum of `E` with a given schema id (tools and tests).
@@ -270,11 +261,7 @@ pub fn frame_id(bytes: &[u8]) -> Result<u32, CodecError> {
     if bytes.len() < 5 || bytes[0] != 0 {
         return Err(CodecError::Poison {
             kind: ErrorKind::BadFraming,
-            message: format!(
-                "expected the Confluent framing (magic byte 0 then a 4-byte schema id); got {} bytes starting {:02x?}",
-                bytes.len(),
-                &bytes[..bytes.len().min(5)]
-            ),
+            message: format!("expected the Confluent framing (magic byte 0 then a 4-byte schema id); got {} bytes starting {:02x?}", bytes.len(), &bytes[..bytes.len().min(5)]),
             schema_id: None,
         });
     }
@@ -358,10 +345,7 @@ mod tests {
 
     #[test]
     fn recursive_and_deep_writer_schemas_are_refused() {
-        let recursive = apache_avro::Schema::parse_str(
-            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"],"default":null}]}"#,
-        )
-        .unwrap();
+        let recursive = apache_avro::Schema::parse_str(r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"],"default":null}]}"#).unwrap();
         let e = check_schema_depth(&recursive, limits::MAX_SCHEMA_DEPTH).unwrap_err();
         assert!(e.contains("recursive"), "{e}");
         let mut deep = String::from(r#""string""#);
@@ -375,10 +359,7 @@ mod tests {
 
     #[test]
     fn a_recursive_writer_with_a_deep_datum_is_poison_not_a_crash() {
-        let writer = apache_avro::Schema::parse_str(
-            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"],"default":null}]}"#,
-        )
-        .unwrap();
+        let writer = apache_avro::Schema::parse_str(r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"],"default":null}]}"#).unwrap();
         // 200,000 levels of "next is a Node": union index 1 (zig-zag 2) repeated, then null.
         let mut body = vec![2u8; 200_000];
         body.push(0);

@@ -208,10 +208,7 @@ impl Event for MediaTagged {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Conversion between events and Avro values through their schema (no registry involved).
@@ -245,7 +242,18 @@ mod tests {
 
     #[test]
     fn as_str_is_the_serde_and_avro_name() {
-        for k in [MediaKind::Video, MediaKind::Episode, MediaKind::Movie, MediaKind::Clip, MediaKind::Trailer, MediaKind::Live, MediaKind::Podcast, MediaKind::Article, MediaKind::Attraction, MediaKind::Other] {
+        for k in [
+            MediaKind::Video,
+            MediaKind::Episode,
+            MediaKind::Movie,
+            MediaKind::Clip,
+            MediaKind::Trailer,
+            MediaKind::Live,
+            MediaKind::Podcast,
+            MediaKind::Article,
+            MediaKind::Attraction,
+            MediaKind::Other,
+        ] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str(), "{k:?}");
         }
         for st in [Strategy::Embedding, Strategy::Nli] {

@@ -115,7 +115,15 @@ fn ranges(brokers: &str, client: &BTreeMap<String, String>, topic: &str, start: 
             found
                 .elements()
                 .iter()
-                .map(|e| (e.partition(), match e.offset() { Offset::Offset(o) => Some(o), _ => Some(i64::MAX) }))
+                .map(|e| {
+                    (
+                        e.partition(),
+                        match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => Some(i64::MAX),
+                        },
+                    )
+                })
                 .collect()
         }
     };

@@ -85,7 +85,8 @@ pub fn metrics() -> &'static Metrics {
                 &["processor", "stage"],
             )
             .unwrap(),
-            lag: IntGaugeVec::new(Opts::new("streamoasis_consumer_lag", "Records behind the partition's end, per assigned partition"), &["processor", "topic", "partition"]).unwrap(),
+            lag: IntGaugeVec::new(Opts::new("streamoasis_consumer_lag", "Records behind the partition's end, per assigned partition"), &["processor", "topic", "partition"])
+                .unwrap(),
             consumer_errors: IntCounterVec::new(Opts::new("streamoasis_consumer_errors_total", "Errors reported by the Kafka consumer"), &["processor"]).unwrap(),
             fatal: IntCounterVec::new(Opts::new("streamoasis_fatal_errors_total", "Fatal errors (the process exits non-zero)"), &["processor"]).unwrap(),
         };

@@ -317,8 +317,7 @@ impl Topology {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(&origin, format!("cannot read: {e} (pass --topology <file>, or run from the project root)")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&origin, format!("cannot read: {e} (pass --topology <file>, or run from the project root)")))?;
         Self::parse(&text, path)
     }
 

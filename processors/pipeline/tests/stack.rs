@@ -10,11 +10,11 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, SrSettings};
-use streamoasis_pipeline::codec::{Codec, CodecError};
-use streamoasis_pipeline::error::ErrorKind;
-use streamoasis_pipeline::env;
-use streamoasis_pipeline::events::{MediaIngested, MediaKind, MEDIA_INGESTED_AVSC};
 use streamoasis_pipeline::client::{client_config, producer};
+use streamoasis_pipeline::codec::{Codec, CodecError};
+use streamoasis_pipeline::env;
+use streamoasis_pipeline::error::ErrorKind;
+use streamoasis_pipeline::events::{MediaIngested, MediaKind, MEDIA_INGESTED_AVSC};
 
 fn kafka() -> String {
     env::get(env::KAFKA_BOOTSTRAP, env::DEFAULT_KAFKA)

@@ -148,10 +148,7 @@ impl Reader {
             ))
             .await?,
             head: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? LIMIT ?")).await?,
-            after: prep(format!(
-                "SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?"
-            ))
-            .await?,
+            after: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?")).await?,
             session,
         })
     }
@@ -228,13 +225,13 @@ pub async fn count_by_tag(session: &Session, keyspace: &str, tag: &str) -> anyho
 /// Rebuild `media_by_tag` from `media_tags` (the migration `topology apply` runs): one row per
 /// stored tag, written with the item row's own write time so later sink writes still win.
 pub async fn rebuild_by_tag(session: &Session, keyspace: &str) -> anyhow::Result<u64> {
-    let insert = session
-        .prepare(format!("INSERT INTO {keyspace}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"))
-        .await?;
-    let mut rows = session
-        .query_iter(format!("SELECT media_id, tags, tagged_at, WRITETIME(top_tag) FROM {keyspace}.media_tags"), ())
-        .await?
-        .rows_stream::<(String, Option<HashMap<String, f32>>, Option<CqlTimestamp>, Option<i64>)>()?;
+    let insert = session.prepare(format!("INSERT INTO {keyspace}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?;
+    let mut rows = session.query_iter(format!("SELECT media_id, tags, tagged_at, WRITETIME(top_tag) FROM {keyspace}.media_tags"), ()).await?.rows_stream::<(
+        String,
+        Option<HashMap<String, f32>>,
+        Option<CqlTimestamp>,
+        Option<i64>,
+    )>()?;
     let mut n = 0u64;
     while let Some(row) = rows.next().await {
         let (media_id, tags, tagged_at, written) = row?;

@@ -56,10 +56,7 @@ pub fn by_tag_table(ks: &str) -> String {
 pub const CARRIED_COLUMNS: [(&str, &str); 4] = [("title", "text"), ("source", "text"), ("language", "text"), ("attributes", "map<text, text>")];
 
 async fn columns(session: &Session, ks: &str, table: &str) -> anyhow::Result<HashSet<String>> {
-    let r = session
-        .query_unpaged("SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?", (ks, table))
-        .await?
-        .into_rows_result()?;
+    let r = session.query_unpaged("SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?", (ks, table)).await?.into_rows_result()?;
     Ok(r.rows::<(String,)>()?.collect::<Result<Vec<_>, _>>()?.into_iter().map(|(c,)| c).collect())
 }
 

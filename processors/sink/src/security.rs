@@ -56,7 +56,8 @@ impl CqlSecurity {
             },
         };
         if username.is_some() != password.is_some() {
-            let (have, missing) = if username.is_some() { ("a user", "SCYLLA_PASSWORD, SCYLLA_PASSWORD_FILE or scylla.password_file") } else { ("a password", "SCYLLA_USERNAME or scylla.username") };
+            let (have, missing) =
+                if username.is_some() { ("a user", "SCYLLA_PASSWORD, SCYLLA_PASSWORD_FILE or scylla.password_file") } else { ("a password", "SCYLLA_USERNAME or scylla.username") };
             return Err(ConfigError::new("scylla.username", format!("{have} is set but not its pair: set {missing}")));
         }
         let mut tls = c.tls.clone();
@@ -114,15 +115,9 @@ pub async fn connect(uri: &str, c: &SinkConfig) -> anyhow::Result<Session> {
 
 /// Connect with explicit credentials and TLS.
 pub async fn connect_with(uri: &str, c: &SinkConfig, sec: &CqlSecurity) -> anyhow::Result<Session> {
-    let profile = ExecutionProfile::builder()
-        .consistency(consistency(&c.consistency).unwrap_or(Consistency::LocalQuorum))
-        .request_timeout(Some(c.request_timeout))
-        .build();
+    let profile = ExecutionProfile::builder().consistency(consistency(&c.consistency).unwrap_or(Consistency::LocalQuorum)).request_timeout(Some(c.request_timeout)).build();
     let nodes: Vec<&str> = uri.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    let mut b = SessionBuilder::new()
-        .known_nodes(&nodes)
-        .default_execution_profile_handle(profile.into_handle())
-        .connection_timeout(Duration::from_secs(10));
+    let mut b = SessionBuilder::new().known_nodes(&nodes).default_execution_profile_handle(profile.into_handle()).connection_timeout(Duration::from_secs(10));
     if let (Some(user), Some(pass)) = (&sec.username, &sec.password) {
         b = b.user(user.as_str(), pass.expose());
     }

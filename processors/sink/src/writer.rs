@@ -56,9 +56,7 @@ pub fn classify(what: &str, e: &scylla::errors::ExecutionError) -> WriteError {
         ExecutionError::BadQuery(_) => WriteError::Rejected(msg),
         ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => match db {
             DbError::Invalid | DbError::FunctionFailure { .. } => WriteError::Rejected(msg),
-            DbError::Unauthorized | DbError::AuthenticationError => {
-                WriteError::Fatal(format!("{msg} (grant MODIFY and SELECT on the keyspace to the sink's role)"))
-            }
+            DbError::Unauthorized | DbError::AuthenticationError => WriteError::Fatal(format!("{msg} (grant MODIFY and SELECT on the keyspace to the sink's role)")),
             DbError::SyntaxError | DbError::ConfigError => WriteError::Fatal(format!("{msg} (did `streamoasis topology apply` run?)")),
             _ => WriteError::Unavailable(msg),
         },
@@ -173,20 +171,7 @@ impl TagWriter {
         let model = format!("{}@{}", e.model.name, e.model.version);
         let main = self.session.execute_unpaged(
             &self.upsert,
-            (
-                &e.media_id,
-                &tags,
-                &top,
-                &kind,
-                &strategy,
-                &model,
-                CqlTimestamp(e.ingested_at),
-                tagged_at,
-                &e.lineage.topic,
-                e.lineage.partition,
-                e.lineage.offset,
-                ts_us,
-            ),
+            (&e.media_id, &tags, &top, &kind, &strategy, &model, CqlTimestamp(e.ingested_at), tagged_at, &e.lineage.topic, e.lineage.partition, e.lineage.offset, ts_us),
         );
         // media_by_tag rows are keyed by (tag, bucket, score, media_id): a tag whose score
         // changed moves to a new row, so the old row is deleted like a dropped tag.

@@ -162,8 +162,12 @@ fn batch_metrics() -> &'static BatchMetrics {
     M.get_or_init(|| {
         let r = streamoasis_pipeline::telemetry::registry();
         let m = BatchMetrics {
-            size: Histogram::with_opts(HistogramOpts::new("streamoasis_batch_size", "Sequences per model batch").buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])).unwrap(),
-            padding: Histogram::with_opts(HistogramOpts::new("streamoasis_batch_padding_ratio", "Padded tokens / all tokens per batch").buckets(vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75])).unwrap(),
+            size: Histogram::with_opts(HistogramOpts::new("streamoasis_batch_size", "Sequences per model batch").buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]))
+                .unwrap(),
+            padding: Histogram::with_opts(
+                HistogramOpts::new("streamoasis_batch_padding_ratio", "Padded tokens / all tokens per batch").buckets(vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75]),
+            )
+            .unwrap(),
             batches: IntCounter::new("streamoasis_batches_total", "Model batches run").unwrap(),
             skipped: IntCounter::new("streamoasis_batch_skipped_total", "Sequences skipped because their caller went away").unwrap(),
             queue_wait: Histogram::with_opts(
@@ -172,8 +176,7 @@ fn batch_metrics() -> &'static BatchMetrics {
             )
             .unwrap(),
             inference: Histogram::with_opts(
-                HistogramOpts::new("streamoasis_inference_seconds", "Model forward time per batch")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                HistogramOpts::new("streamoasis_inference_seconds", "Model forward time per batch").buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             )
             .unwrap(),
             depth: IntGauge::new("streamoasis_batch_queue_depth", "Sequences waiting for a batch").unwrap(),
@@ -308,10 +311,7 @@ fn forward_caught<B: Backend>(backend: &mut B, batch: &Batch) -> Result<Vec<Vec<
         Ok(Ok(rows)) if rows.len() == batch.rows => Ok(rows),
         Ok(Ok(rows)) => Err(format!("model returned {} rows for {} sequences", rows.len(), batch.rows)),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(format!(
-            "model panicked: {}",
-            panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown")
-        )),
+        Err(panic) => Err(format!("model panicked: {}", panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown"))),
     }
 }
 

@@ -101,10 +101,7 @@ impl std::fmt::Display for Precision {
 impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Precision::ALL
-            .into_iter()
-            .find(|p| p.key() == s)
-            .ok_or_else(|| format!("'{s}' is not a precision (fp32 | int8 | int8_static | bf16)"))
+        Precision::ALL.into_iter().find(|p| p.key() == s).ok_or_else(|| format!("'{s}' is not a precision (fp32 | int8 | int8_static | bf16)"))
     }
 }
 
@@ -562,9 +559,12 @@ impl TaggingSpec {
                 return err(&format!("{key}.min_score"), "must be within 0..1".into());
             }
         }
-        let cals = self.embedding.calibration.iter().map(|c| ("embedding.calibration".to_string(), c)).chain(
-            self.embedding.kinds.iter().filter_map(|(k, s)| s.calibration.as_ref().map(|c| (format!("embedding.kinds.{}.calibration", kind_symbol(*k)), c))),
-        );
+        let cals = self
+            .embedding
+            .calibration
+            .iter()
+            .map(|c| ("embedding.calibration".to_string(), c))
+            .chain(self.embedding.kinds.iter().filter_map(|(k, s)| s.calibration.as_ref().map(|c| (format!("embedding.kinds.{}.calibration", kind_symbol(*k)), c))));
         for (key, c) in cals {
             if let Err((k, m)) = c.check(&key) {
                 return err(&k, m);
@@ -628,10 +628,7 @@ impl TaggingSpec {
             let what = if self.model.precision == Precision::Int8 { "dynamic quantisation" } else { "static quantisation" };
             return err(
                 "model.precision",
-                format!(
-                    "{} ({what}) runs on the CPU only, and tagging.model.device is '{}': set precision: fp32 or bf16 for a GPU",
-                    self.model.precision, self.model.device
-                ),
+                format!("{} ({what}) runs on the CPU only, and tagging.model.device is '{}': set precision: fp32 or bf16 for a GPU", self.model.precision, self.model.device),
             );
         }
         Ok(())

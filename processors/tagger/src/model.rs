@@ -99,9 +99,7 @@ impl TextEncoder {
         let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| LoadError::Missing { path: path.clone(), message: e.to_string() })?;
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| LoadError::Torch(e.to_string()))?;
-        let id = |t: &str| {
-            tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| LoadError::Missing { path: path.clone(), message: format!("no {t} token") })
-        };
+        let id = |t: &str| tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| LoadError::Missing { path: path.clone(), message: format!("no {t} token") });
         // The opening and closing specials are what the tokenizer's own post-processor puts
         // around a text ([CLS]/[SEP] for BERT, <s>/</s> for MPNet and RoBERTa-style models);
         // a tokenizer without a post-processor falls back to BERT's names.

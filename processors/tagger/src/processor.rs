@@ -77,26 +77,17 @@ pub fn check_limits(item: &MediaIngested) -> Result<(), ProcessError> {
         return Err(ProcessError::poison(ErrorKind::InvalidField, "media_id is empty"));
     }
     if item.media_id.len() > limits::MAX_MEDIA_ID_BYTES {
-        return Err(ProcessError::poison(
-            ErrorKind::MediaIdTooLong,
-            format!("media_id is {} bytes, over the limit of {}", item.media_id.len(), limits::MAX_MEDIA_ID_BYTES),
-        ));
+        return Err(ProcessError::poison(ErrorKind::MediaIdTooLong, format!("media_id is {} bytes, over the limit of {}", item.media_id.len(), limits::MAX_MEDIA_ID_BYTES)));
     }
     if item.media_id.chars().any(char::is_control) {
         return Err(ProcessError::poison(ErrorKind::InvalidField, "media_id contains control characters"));
     }
     if item.attributes.len() > limits::MAX_ATTRIBUTES {
-        return Err(ProcessError::poison(
-            ErrorKind::AttributesTooLarge,
-            format!("{} attributes, over the limit of {}", item.attributes.len(), limits::MAX_ATTRIBUTES),
-        ));
+        return Err(ProcessError::poison(ErrorKind::AttributesTooLarge, format!("{} attributes, over the limit of {}", item.attributes.len(), limits::MAX_ATTRIBUTES)));
     }
     let bytes: usize = item.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
     if bytes > limits::MAX_ATTRIBUTES_BYTES {
-        return Err(ProcessError::poison(
-            ErrorKind::AttributesTooLarge,
-            format!("attributes hold {bytes} bytes, over the limit of {}", limits::MAX_ATTRIBUTES_BYTES),
-        ));
+        return Err(ProcessError::poison(ErrorKind::AttributesTooLarge, format!("attributes hold {bytes} bytes, over the limit of {}", limits::MAX_ATTRIBUTES_BYTES)));
     }
     Ok(())
 }

@@ -619,7 +619,11 @@ fn top2_margin(scores: &[f32]) -> f32 {
             b = s;
         }
     }
-    if b.is_finite() { a - b } else { 1.0 }
+    if b.is_finite() {
+        a - b
+    } else {
+        1.0
+    }
 }
 
 /// Calibrated multi-label scores by label name alone (fitted pair, else the global pair):

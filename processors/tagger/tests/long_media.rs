@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use streamoasis_tagger::{TagRequest, Tagger, TaggerConfig};
 
 fn model_dir() -> PathBuf {
-    std::env::var_os("STREAMOASIS_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
-        .join("all-MiniLM-L6-v2")
+    std::env::var_os("STREAMOASIS_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models"))).join("all-MiniLM-L6-v2")
 }
 
 fn parse(yaml: &str) -> Result<TaggerConfig, String> {

@@ -108,14 +108,8 @@ pub(super) async fn run(c: &Common, a: ProduceArgs) -> anyhow::Result<()> {
         let headers = telemetry::context_headers(&span);
         // Spawned so librdkafka gets the record now: a send future does nothing until polled.
         pending.push(tokio::spawn(
-            async move {
-                producer
-                    .send(FutureRecord::to(&topic_name).key(&key).payload(&payload).headers(headers), Duration::from_secs(30))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| e)
-            }
-            .instrument(span),
+            async move { producer.send(FutureRecord::to(&topic_name).key(&key).payload(&payload).headers(headers), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e) }
+                .instrument(span),
         ));
         sent += 1;
         while pending.len() >= 1000 {

@@ -25,7 +25,9 @@ pub(super) async fn run(c: &Common, a: RetagArgs) -> anyhow::Result<()> {
     };
     let ids = match &a.ids {
         None => None,
-        Some(f) if f.starts_with('@') => Some(std::fs::read_to_string(&f[1..]).with_context(|| format!("--ids: cannot read {}", &f[1..]))?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()),
+        Some(f) if f.starts_with('@') => Some(
+            std::fs::read_to_string(&f[1..]).with_context(|| format!("--ids: cannot read {}", &f[1..]))?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
+        ),
         Some(l) => Some(l.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
     };
     let o = ops::RetagOptions { topic: topo.file.processors.tagger.input.clone(), start, media_ids: ids, rate: a.rate, progress: !a.quiet };

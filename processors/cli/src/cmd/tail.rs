@@ -31,12 +31,7 @@ pub(super) async fn run(c: &Common, a: TailArgs, shutdown: CancellationToken) ->
     let t = &topo.file.processors;
     let topic = a.topic.clone().unwrap_or_else(|| t.tagger.output.clone().unwrap_or_default());
     let truth: HashMap<String, String> = match &a.truth {
-        Some(p) => open_lines(p)?
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Truth>(&l).ok())
-            .map(|t| (t.id, t.label))
-            .collect(),
+        Some(p) => open_lines(p)?.lines().map_while(Result::ok).filter_map(|l| serde_json::from_str::<Truth>(&l).ok()).map(|t| (t.id, t.label)).collect(),
         None => HashMap::new(),
     };
     let codec = Codec::new(&c.registry)?;
@@ -47,9 +42,7 @@ pub(super) async fn run(c: &Common, a: TailArgs, shutdown: CancellationToken) ->
     let consumer: StreamConsumer = cc.create()?;
     // Assign every partition explicitly, at the beginning or at "now": records produced after
     // this point are never missed, however long a group join would have taken.
-    let md = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .with_context(|| format!("Kafka at {} did not answer; is the stack up?", c.kafka))?;
+    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).with_context(|| format!("Kafka at {} did not answer; is the stack up?", c.kafka))?;
     let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     anyhow::ensure!(!parts.is_empty(), "topic {topic} does not exist (run `streamoasis topology apply`)");
     let mut tpl = TopicPartitionList::new();

@@ -52,9 +52,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::client::{self, DEFAULT_MESSAGE_MAX_BYTES};
 /// The client constructors, where callers of the run loop have always found them.
 pub use crate::client::{client_config, producer, wait_for_broker};
-use crate::client::{self, DEFAULT_MESSAGE_MAX_BYTES};
 use crate::codec::Codec;
 use crate::processor::Processor;
 use crate::secret::redacted;
@@ -144,27 +144,15 @@ async fn start<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: Ar
     let exactly_once = spec.delivery == Delivery::ExactlyOnce;
     anyhow::ensure!(!exactly_once || spec.output.is_some(), "processors.{name}.delivery: exactly_once needs an output topic");
     cfg.health.set_thresholds(spec.stall_timeout, spec.consumer_error_timeout);
-    let producer = if exactly_once {
-        client::transactional_producer(&cfg.brokers, &cfg.client, &spec.group)?
-    } else {
-        client::producer(&cfg.brokers, &cfg.client)?
-    };
+    let producer = if exactly_once { client::transactional_producer(&cfg.brokers, &cfg.client, &spec.group)? } else { client::producer(&cfg.brokers, &cfg.client)? };
     let (events_tx, events) = mpsc::unbounded_channel();
     let ctx = Ctx { name, commit_on_revoke: !exactly_once, producer: producer.clone(), events: events_tx };
     let consumer: StreamConsumer<Ctx> = client::consumer_config(&cfg.brokers, &cfg.client, &spec, exactly_once).create_with_context(ctx)?;
     consumer.subscribe(&[spec.input.as_str()])?;
     let consumer = Arc::new(consumer);
     let max_output_bytes = cfg.client.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
-    let shared = Arc::new(Shared {
-        name,
-        spec: spec.clone(),
-        codec,
-        processor,
-        producer: producer.clone(),
-        stop: CancellationToken::new(),
-        max_output_bytes,
-        health: cfg.health.clone(),
-    });
+    let shared =
+        Arc::new(Shared { name, spec: spec.clone(), codec, processor, producer: producer.clone(), stop: CancellationToken::new(), max_output_bytes, health: cfg.health.clone() });
     info!(processor = name, input = %spec.input, group = %spec.group, delivery = ?spec.delivery, "started");
     let parts = Parts { name, spec: spec.clone(), consumer: consumer.clone(), events, shared, health: cfg.health.clone() };
     match spec.delivery {

@@ -98,9 +98,7 @@ pub(crate) fn classify_produce_error(e: &KafkaError, topic: &str) -> Attempt {
         Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::TransactionalIdAuthorizationFailed) => {
             Attempt::Fatal(ProcessError::Fatal(format!("not authorised to write to {topic}: {e} (grant WRITE on {topic} to this principal)")))
         }
-        Some(C::UnknownTopic | C::UnknownTopicOrPartition) => {
-            Attempt::Fatal(ProcessError::Fatal(format!("topic {topic} does not exist: {e} (run `streamoasis topology apply`)")))
-        }
+        Some(C::UnknownTopic | C::UnknownTopicOrPartition) => Attempt::Fatal(ProcessError::Fatal(format!("topic {topic} does not exist: {e} (run `streamoasis topology apply`)"))),
         Some(C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch) => Attempt::Fatal(ProcessError::Fatal(format!("producer fenced: {e}"))),
         _ => Attempt::Retry { stage: "produce", message: e.to_string() },
     }
@@ -167,13 +165,8 @@ async fn try_handle<P: Processor>(s: &Shared<P>, msg: &OwnedMessage) -> Result<D
         Err(CodecError::Unavailable(m)) => return Err(Attempt::Retry { stage: "decode", message: m }),
         Err(e @ CodecError::Incompatible(_)) => return Err(Attempt::Fatal(ProcessError::Fatal(e.to_string()))),
     };
-    let meta = RecordMeta {
-        topic: msg.topic().to_string(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-        schema_id: decoded.schema_id,
-        timestamp_ms: msg.timestamp().to_millis(),
-    };
+    let meta =
+        RecordMeta { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset(), schema_id: decoded.schema_id, timestamp_ms: msg.timestamp().to_millis() };
     let ingested_at = decoded.event.ingested_at_ms();
     let observe_e2e = || {
         if let Some(t) = ingested_at {

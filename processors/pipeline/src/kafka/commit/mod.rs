@@ -103,7 +103,15 @@ impl<C: ConsumerContext + 'static> OffsetStore for rdkafka::consumer::StreamCons
             .elements()
             .iter()
             .filter(|e| e.topic() == topic)
-            .map(|e| (e.partition(), match e.offset() { Offset::Offset(o) => Some(o), _ => None }))
+            .map(|e| {
+                (
+                    e.partition(),
+                    match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    },
+                )
+            })
             .collect())
     }
 }
