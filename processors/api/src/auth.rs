@@ -125,15 +125,9 @@ impl Auth {
     /// told to run without auth.
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Auth>, AuthConfigError> {
         let nonempty = |k: &str| var(k).filter(|v| !v.is_empty());
-        let secret = match (nonempty(ENV_HS256_SECRET), nonempty(ENV_HS256_SECRET_FILE)) {
-            (Some(_), Some(_)) => return Err(AuthConfigError { var: ENV_HS256_SECRET, message: format!("set either {ENV_HS256_SECRET} or {ENV_HS256_SECRET_FILE}, not both") }),
-            (Some(s), None) => Some(s.into_bytes()),
-            (None, Some(f)) => {
-                let s = std::fs::read_to_string(&f).map_err(|e| AuthConfigError { var: ENV_HS256_SECRET_FILE, message: format!("cannot read {f}: {e}") })?;
-                Some(s.strip_suffix('\n').unwrap_or(&s).as_bytes().to_vec())
-            }
-            (None, None) => None,
-        };
+        let secret = streamoasis_pipeline::secret::from_vars(ENV_HS256_SECRET, &var)
+            .map_err(|e| AuthConfigError { var: if e.path.ends_with("_FILE") { ENV_HS256_SECRET_FILE } else { ENV_HS256_SECRET }, message: e.message })?
+            .map(|s| s.expose().as_bytes().to_vec());
         let jwks = match nonempty(ENV_JWKS_FILE) {
             Some(f) => Some(std::fs::read_to_string(&f).map_err(|e| AuthConfigError { var: ENV_JWKS_FILE, message: format!("cannot read {f}: {e}") })?),
             None => None,

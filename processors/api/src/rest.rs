@@ -416,7 +416,7 @@ mod tests {
         fn on_start(&mut self) {
             panic!("model thread dies (test)");
         }
-        fn forward(&mut self, _: &Batch) -> Result<Vec<Vec<f32>>, String> {
+        fn forward(&mut self, _: &Batch) -> Result<Vec<Vec<f32>>, streamoasis_tagger::batcher::ForwardError> {
             unreachable!("never started")
         }
     }

@@ -54,6 +54,14 @@ pub fn read_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
 /// A secret from `NAME` or from the file named by `NAME_FILE`. Both set is an error (which one
 /// wins would be a guess); neither is `Ok(None)`.
 pub fn from_env(name: &str) -> Result<Option<Secret>, ConfigError> {
+    from_vars(name, var)
+}
+
+/// [`from_env`] over another source of variables (`var` answers `None` for unset): the one
+/// reading of `NAME` / `NAME_FILE` that every secret goes through (Kafka, CQL, the registry,
+/// the API's JWT secret).
+pub fn from_vars(name: &str, var: impl Fn(&str) -> Option<String>) -> Result<Option<Secret>, ConfigError> {
+    let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
     let file_var = format!("{name}_FILE");
     match (var(name), var(&file_var)) {
         (Some(_), Some(_)) => Err(ConfigError::new(name, format!("both {name} and {file_var} are set: set one of them"))),

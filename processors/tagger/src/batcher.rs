@@ -100,7 +100,24 @@ pub trait Backend: Send + 'static {
     fn on_start(&mut self) {}
 
     /// Run one batch; returns `batch.rows` vectors.
-    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, String>;
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, ForwardError>;
+}
+
+/// Why a forward pass failed, as the backend knows it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ForwardError {
+    /// The device ran out of memory for this batch: a smaller batch (or later) may work.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// Any other failure (bad input, a bug, a panic in the library).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for ForwardError {
+    fn from(message: String) -> Self {
+        ForwardError::Failed(message)
+    }
 }
 
 /// Batching knobs (see `tagging.batching` in topology.yaml for the trade-offs).
@@ -306,18 +323,13 @@ impl Batcher {
 }
 
 /// One forward pass, with panics in the backend turned into errors.
-fn forward_caught<B: Backend>(backend: &mut B, batch: &Batch) -> Result<Vec<Vec<f32>>, String> {
+fn forward_caught<B: Backend>(backend: &mut B, batch: &Batch) -> Result<Vec<Vec<f32>>, ForwardError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.forward(batch))) {
         Ok(Ok(rows)) if rows.len() == batch.rows => Ok(rows),
-        Ok(Ok(rows)) => Err(format!("model returned {} rows for {} sequences", rows.len(), batch.rows)),
+        Ok(Ok(rows)) => Err(ForwardError::Failed(format!("model returned {} rows for {} sequences", rows.len(), batch.rows))),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(format!("model panicked: {}", panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown"))),
+        Err(panic) => Err(ForwardError::Failed(format!("model panicked: {}", panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown")))),
     }
-}
-
-fn is_out_of_memory(e: &str) -> bool {
-    let e = e.to_ascii_lowercase();
-    e.contains("out of memory") || e.contains("cannot allocate") || e.contains("oom")
 }
 
 /// Run a batch; if it fails, split it in halves and run each, down to single sequences, so that
@@ -327,7 +339,10 @@ fn run_isolating<B: Backend>(backend: &mut B, batch: &Batch, seqs: &[Seq]) -> Ve
     match forward_caught(backend, batch) {
         Ok(rows) => rows.into_iter().map(Ok).collect(),
         Err(e) if seqs.len() <= 1 => {
-            let err = if is_out_of_memory(&e) { BatchError::Overloaded(e) } else { BatchError::Model(e) };
+            let err = match e {
+                ForwardError::OutOfMemory(m) => BatchError::Overloaded(m),
+                ForwardError::Failed(m) => BatchError::Model(m),
+            };
             vec![Err(err); seqs.len()]
         }
         Err(e) => {
@@ -475,7 +490,7 @@ mod tests {
     }
 
     impl Backend for Fake {
-        fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, String> {
+        fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, ForwardError> {
             self.seen.lock().unwrap().push((b.rows, b.cols));
             if let Some(g) = &self.gate {
                 let mut opened = g.0.lock().unwrap();
@@ -490,7 +505,7 @@ mod tests {
             for r in 0..b.rows {
                 let row = &b.input_ids[r * b.cols..(r + 1) * b.cols];
                 if Some(row[0]) == self.fail_on {
-                    return Err(format!("poisoned id {}", row[0]));
+                    return Err(ForwardError::Failed(format!("poisoned id {}", row[0])));
                 }
                 let len = b.attention_mask[r * b.cols..(r + 1) * b.cols].iter().sum::<i64>();
                 out.push(vec![row[0] as f32, len as f32, b.rows as f32]);
@@ -705,9 +720,9 @@ mod tests {
     /// A backend that panics on one id and runs out of memory above 4 rows.
     struct Flaky;
     impl Backend for Flaky {
-        fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, String> {
+        fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, ForwardError> {
             if b.rows > 4 {
-                return Err("CUDA out of memory. Tried to allocate 2.00 GiB".into());
+                return Err(ForwardError::OutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB".into()));
             }
             for r in 0..b.rows {
                 if b.input_ids[r * b.cols] == 13 {

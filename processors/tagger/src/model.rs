@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tch::{CModule, Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::batcher::{Backend, Batch, Seq};
+use crate::batcher::{Backend, Batch, ForwardError, Seq};
 
 /// `manifest.json`, written by `scripts/python/export_model.py`.
 #[derive(Debug, Clone, Deserialize)]
@@ -295,17 +295,40 @@ impl Backend for TorchBackend {
         tracing::debug!(threads = n, "model thread started");
     }
 
-    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, String> {
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>, ForwardError> {
         if batch.rows == 0 {
             return Ok(Vec::new());
         }
-        self.run(batch).map_err(|e| e.to_string())
+        self.run(batch).map_err(forward_error)
+    }
+}
+
+/// libtorch reports an allocation failure as a `c10::Error` (tch: `TchError::Torch`) whose message
+/// starts with the allocator's own words; anything else is a plain failure.
+fn forward_error(e: tch::TchError) -> ForwardError {
+    let message = e.to_string();
+    let out_of_memory = matches!(&e, tch::TchError::Torch(m) if m.contains("CUDA out of memory") || m.contains("DefaultCPUAllocator: not enough memory") || m.contains("DefaultCPUAllocator: can't allocate memory"));
+    if out_of_memory {
+        ForwardError::OutOfMemory(message)
+    } else {
+        ForwardError::Failed(message)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_allocator_s_failures_are_out_of_memory() {
+        let oom = forward_error(tch::TchError::Torch("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 1073741824 bytes.".into()));
+        assert!(matches!(oom, ForwardError::OutOfMemory(_)), "{oom:?}");
+        let cuda = forward_error(tch::TchError::Torch("CUDA out of memory. Tried to allocate 2.00 GiB".into()));
+        assert!(matches!(cuda, ForwardError::OutOfMemory(_)), "{cuda:?}");
+        for m in ["index out of range in self (room 12)", "zoom level", "shape mismatch: boom"] {
+            assert!(matches!(forward_error(tch::TchError::Torch(m.into())), ForwardError::Failed(_)), "{m}");
+        }
+    }
     use crate::config::Precision;
 
     fn manifest(precisions: &[(&str, &str)]) -> Manifest {

@@ -57,14 +57,10 @@ pub(super) fn api_auth(insecure: bool) -> anyhow::Result<Auth> {
 /// The HS256 secret `token` and `call` sign with: `STREAMOASIS_JWT_HS256_SECRET`, else the file
 /// `STREAMOASIS_JWT_HS256_SECRET_FILE` names (one trailing newline dropped).
 fn hs256_secret() -> anyhow::Result<Vec<u8>> {
-    if let Some(s) = std::env::var(auth::ENV_HS256_SECRET).ok().filter(|s| !s.is_empty()) {
-        return Ok(s.into_bytes());
+    match streamoasis_pipeline::secret::from_env(auth::ENV_HS256_SECRET)? {
+        Some(s) => Ok(s.expose().as_bytes().to_vec()),
+        None => anyhow::bail!("set {} (or {}) to the API's HS256 secret", auth::ENV_HS256_SECRET, auth::ENV_HS256_SECRET_FILE),
     }
-    if let Some(f) = std::env::var(auth::ENV_HS256_SECRET_FILE).ok().filter(|s| !s.is_empty()) {
-        let s = std::fs::read_to_string(&f).with_context(|| format!("{}: cannot read {f}", auth::ENV_HS256_SECRET_FILE))?;
-        return Ok(s.strip_suffix('\n').unwrap_or(&s).as_bytes().to_vec());
-    }
-    anyhow::bail!("set {} (or {}) to the API's HS256 secret", auth::ENV_HS256_SECRET, auth::ENV_HS256_SECRET_FILE)
 }
 
 fn token(sub: &str, ttl: Duration) -> anyhow::Result<()> {
