@@ -2,7 +2,6 @@
 //! against the real local stack: `scripts/stack up`, then `. .cache/stack/env`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};

@@ -1,7 +1,6 @@
 //! The exported TorchScript models, run through the real tokenizer, backend and batcher, agree
 //! with the Python references written by `scripts/python/export_model.py`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;

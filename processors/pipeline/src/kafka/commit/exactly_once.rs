@@ -155,7 +155,7 @@ mod tests {
     }
 
     /// A consumer with group metadata (the fake one has none).
-    struct GroupConsumer(FakeConsumer, ConsumerGroupMetadata);
+    struct GroupConsumer(FakeConsumer, rdkafka::consumer::BaseConsumer);
 
     impl OffsetStore for GroupConsumer {
         fn store(&self, t: &str, p: i32, n: i64) -> Result<(), KafkaError> {
@@ -165,7 +165,7 @@ mod tests {
             self.0.commit_stored()
         }
         fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
-            Some(self.1.clone())
+            rdkafka::consumer::Consumer::group_metadata(&self.1)
         }
         fn committed(&self, t: &str) -> Result<Rewind, KafkaError> {
             self.0.committed(t)
@@ -175,8 +175,7 @@ mod tests {
     fn consumer() -> Arc<GroupConsumer> {
         // Group metadata needs a real (unconnected) consumer handle.
         let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new().set("group.id", "g").set("bootstrap.servers", "127.0.0.1:1").create().unwrap();
-        let cgm = rdkafka::consumer::Consumer::group_metadata(&c).unwrap();
-        Arc::new(GroupConsumer(FakeConsumer::default(), cgm))
+        Arc::new(GroupConsumer(FakeConsumer::default(), c))
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 //! The strategies talk to the consumer and producer through two small traits,
 //! [`OffsetStore`] and [`Transactions`], so they are tested with fakes, without a broker.
 
-mod at_least_once;
+pub(crate) mod at_least_once;
 mod exactly_once;
 
 use std::future::Future;
