@@ -6,7 +6,7 @@ use streamoasis_tagger::batcher::{Backend, Batch, Batcher, BatcherConfig, Seq};
 
 struct Noop;
 impl Backend for Noop {
-    fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, String> {
+    fn forward(&mut self, b: &Batch) -> Result<Vec<Vec<f32>>, streamoasis_tagger::batcher::ForwardError> {
         Ok(vec![vec![0.0; 4]; b.rows])
     }
 }

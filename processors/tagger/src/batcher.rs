@@ -328,7 +328,10 @@ fn forward_caught<B: Backend>(backend: &mut B, batch: &Batch) -> Result<Vec<Vec<
         Ok(Ok(rows)) if rows.len() == batch.rows => Ok(rows),
         Ok(Ok(rows)) => Err(ForwardError::Failed(format!("model returned {} rows for {} sequences", rows.len(), batch.rows))),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(ForwardError::Failed(format!("model panicked: {}", panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown")))),
+        Err(panic) => Err(ForwardError::Failed(format!(
+            "model panicked: {}",
+            panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown")
+        ))),
     }
 }
 

@@ -321,7 +321,8 @@ mod tests {
 
     #[test]
     fn only_the_allocator_s_failures_are_out_of_memory() {
-        let oom = forward_error(tch::TchError::Torch("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 1073741824 bytes.".into()));
+        let oom =
+            forward_error(tch::TchError::Torch("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 1073741824 bytes.".into()));
         assert!(matches!(oom, ForwardError::OutOfMemory(_)), "{oom:?}");
         let cuda = forward_error(tch::TchError::Torch("CUDA out of memory. Tried to allocate 2.00 GiB".into()));
         assert!(matches!(cuda, ForwardError::OutOfMemory(_)), "{cuda:?}");
