@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use streamoasis_tagger::batcher::{Batch, Seq};
 
-/// A padded batch of `batch` synthetic sequences of `seq_len` tokens ([CLS], pseudo-random
-/// word-piece ids from `seed`, [SEP]): the same input on every side of a timing comparison.
+/// A padded batch of `batch` synthetic sequences of `seq_len` tokens (`[CLS]`, pseudo-random
+/// word-piece ids from `seed`, `[SEP]`): the same input on every side of a timing comparison.
 pub fn synthetic(seq_len: usize, batch: usize, seed: u64) -> Batch {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let seqs: Vec<Seq> = (0..batch)

@@ -250,8 +250,10 @@ mod tests {
     #[test]
     fn every_kind_maps_to_http_and_grpc() {
         let field = |f: &str, m: &str| FieldError::new(f, m);
+        /// The error, its HTTP status, Retry-After, WWW-Authenticate, JSON body, gRPC code and message.
+        type Case<'a> = (ApiError, StatusCode, Option<&'a str>, Option<&'a str>, serde_json::Value, Code, &'a str);
         #[rustfmt::skip]
-        let cases: Vec<(ApiError, StatusCode, Option<&str>, Option<&str>, serde_json::Value, Code, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (ApiError::Unauthorized("missing bearer token".into()), StatusCode::UNAUTHORIZED, None, Some("Bearer"),
                 body("unauthorized", "missing bearer token", None), Code::Unauthenticated, "missing bearer token"),
             (ApiError::MalformedJson("EOF while parsing".into()), StatusCode::BAD_REQUEST, None, None,

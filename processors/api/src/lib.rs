@@ -14,7 +14,6 @@
 //! - [`grpc`]: `streamoasis.v1.Tagger` (`Tag`, bidi `TagStream`) and server reflection.
 //! - [`validate`]: the checks a tagging request passes before it reaches the batcher, shared
 //!   by REST and gRPC so both reject the same input with the same field names.
-//! - [`ops`]: `retag` and `dlq replay` (records back into the normal flow, once per run).
 //! - [`serve`]: binds nothing itself; runs both servers on given listeners until shutdown.
 //!
 //! ## Limits (every queue bounded)

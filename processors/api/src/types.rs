@@ -202,6 +202,7 @@ pub struct MediaItem {
 /// key is a batch; any other object is one item.
 #[derive(Debug, ToSchema)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // one request body, parsed and dropped at once
 pub enum MediaBody {
     /// 1..=1000 items.
     Batch(MediaBatch),

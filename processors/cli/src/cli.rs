@@ -30,7 +30,7 @@ pub struct Common {
     /// Confluent-compatible schema registry base URL.
     #[arg(long, global = true, env = env::SCHEMA_REGISTRY_URL, default_value = env::DEFAULT_REGISTRY)]
     pub registry: String,
-    /// ScyllaDB / CQL contact points, host:port[,host:port].
+    /// ScyllaDB / CQL contact points, `host:port[,host:port]`.
     #[arg(long, global = true, env = env::SCYLLA_URI, default_value = env::DEFAULT_SCYLLA)]
     pub scylla: String,
 }

@@ -160,7 +160,7 @@ fn dlq_replay_as_a_command_filters_by_kind_and_time_and_restores_payload_less_le
     let send = |topic: &str, key: &str, payload: Option<&[u8]>, headers: &[(&str, String)]| {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
-            h = h.insert(Header { key: *k, value: Some(v.as_str()) });
+            h = h.insert(Header { key: k, value: Some(v.as_str()) });
         }
         let mut r = FutureRecord::to(topic).key(key).headers(h);
         if let Some(b) = payload {

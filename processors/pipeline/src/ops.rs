@@ -145,6 +145,7 @@ fn bar(total: u64, show: bool, what: &str) -> indicatif::ProgressBar {
 
 /// Read `topic` over `ranges`, calling `route` for each record: `Some((target, headers))` sends
 /// its bytes and key there. Bounded: at most 1000 sends in flight.
+#[allow(clippy::too_many_arguments)] // the two callers pass their own options through
 async fn copy(
     brokers: &str,
     client: &BTreeMap<String, String>,

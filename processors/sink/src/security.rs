@@ -1,6 +1,6 @@
 //! Credentials and TLS of the CQL session, and the connection itself.
 //!
-//! [`CqlSecurity::resolve`] lays the environment ([`env`]) over the `scylla:` section: a user
+//! [`CqlSecurity::resolve`] lays the environment ([`env`](mod@env)) over the `scylla:` section: a user
 //! without a password (or the reverse), a certificate without its key, or a path that is not a
 //! readable file fails at start-up naming the key. [`connect`] builds the session with the
 //! section's consistency and timeout as the default execution profile.

@@ -216,10 +216,11 @@ impl Calibration {
     /// Check the numbers (`key` names the calibration in errors).
     pub fn check(&self, key: &str) -> Result<(), (String, String)> {
         let t = &self.transfer;
-        if !(t.temperature > 0.0) {
+        // NaN is refused too: only a positive number passes.
+        if t.temperature.is_nan() || t.temperature <= 0.0 {
             return Err((format!("{key}.transfer.temperature"), format!("{} must be > 0", t.temperature)));
         }
-        if !(t.width > 0.0) {
+        if t.width.is_nan() || t.width <= 0.0 {
             return Err((format!("{key}.transfer.width"), format!("{} must be > 0", t.width)));
         }
         if !(-1.0..=1.0).contains(&t.min_similarity) {

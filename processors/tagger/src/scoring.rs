@@ -356,7 +356,7 @@ mod tests {
         let labels: Vec<Arc<Vec<f32>>> = vec![Arc::new(unit(&[1.0, 0.0, 0.0])), Arc::new(unit(&[0.0, 1.0, 0.0]))];
         // One window about label 0, ten windows of chatter leaning weakly towards label 1.
         let mut rows = vec![unit(&[0.9, 0.1, 0.3])];
-        rows.extend(std::iter::repeat(unit(&[0.05, 0.25, 1.0])).take(10));
+        rows.extend(std::iter::repeat_n(unit(&[0.05, 0.25, 1.0]), 10));
         let cos = |v: &[f32]| (dot(v, &labels[0]), dot(v, &labels[1]));
         let (m0, m1) = cos(&pool(&rows, &labels, Pooling::Mean));
         assert!(m1 > m0, "the mean follows the chatter: {m0} {m1}");

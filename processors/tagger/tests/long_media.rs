@@ -26,7 +26,7 @@ fn text_keys_are_validated_by_name() {
     assert!(e.contains("tagging.text.max_tokens_per_item"), "{e}");
     let e = parse(&format!("text: {{pooling: max}}\n{NEWS}")).unwrap_err();
     assert!(e.contains("pooling") || e.contains("relevance"), "{e}");
-    let e = parse(&format!("embedding: {{multi_label: true, calibration: {{slope: 1, bias: 0, transfer: {{temperature: 0}}}}}}\nlabels: [{{name: a}}]")).unwrap_err();
+    let e = parse("embedding: {multi_label: true, calibration: {slope: 1, bias: 0, transfer: {temperature: 0}}}\nlabels: [{name: a}]").unwrap_err();
     assert!(e.contains("tagging.embedding.calibration.transfer.temperature"), "{e}");
     let cfg = parse(NEWS).unwrap();
     assert_eq!(cfg.text.max_tokens_per_item, 12_000);

@@ -33,7 +33,7 @@
 //! - `order`: per-key order.
 //! - `dlq`: writing dead letters (the header contract is [`crate::dlq`]).
 //! - `consumer`: the consumer context (lag metrics; rebalances sent to the loop over a channel).
-//! - `commit`: the [`Commit`](commit::Commit) strategy of each delivery guarantee, over small
+//! - `commit`: the `Commit` strategy of each delivery guarantee, over small
 //!   consumer and producer traits so it is tested without a broker.
 
 mod commit;
