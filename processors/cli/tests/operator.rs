@@ -93,7 +93,7 @@ fn sighup_reloads_the_labels_of_a_running_tagger_and_keeps_them_on_a_bad_file() 
     std::fs::write(&t.path, serde_yaml::to_string(&y).unwrap()).unwrap();
     p.signal("-HUP");
     assert!(wait_until(Duration::from_secs(60), || p.log().contains("SIGHUP: taxonomy reloaded")), "no reload logged; log:\n{}", p.log());
-    assert!(p.log().contains("labels=2"), "the reload counts the new labels; log:\n{}", p.log());
+    assert!(plain(&p.log()).contains("SIGHUP: taxonomy reloaded labels=2"), "the reload counts the new labels; log:\n{}", p.log());
     t.produce_items(1, 1, title);
     let mut after = None;
     assert!(wait_until(Duration::from_secs(120), || {
@@ -243,4 +243,22 @@ fn api_refuses_to_start_without_a_key_and_with_both_a_key_and_insecure() {
     assert!(stderr(&o).contains("no JWT key configured") && stderr(&o).contains("--insecure-no-auth"), "says what to set: {}", stderr(&o));
     let o = api(&["--insecure-no-auth"], &[("STREAMOASIS_JWT_HS256_SECRET", "0123456789abcdef0123456789abcdef")]);
     assert!(!o.status.success() && stderr(&o).contains("drop one of them"), "key and --insecure-no-auth: refused: {}", stderr(&o));
+}
+
+/// `log` without ANSI colour sequences (`ESC [ ... m`).
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

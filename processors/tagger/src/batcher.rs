@@ -224,9 +224,6 @@ impl std::fmt::Debug for Batcher {
     }
 }
 
-/// Fault injection for tests: with this set to N, the model thread exits after N batches.
-pub const MODEL_EXIT_HOOK: &str = "STREAMOASIS_TEST_MODEL_EXIT_AFTER_BATCHES";
-
 impl Batcher {
     /// Start the batching task (on the current tokio runtime) and the model thread.
     pub fn spawn<B: Backend>(mut backend: B, cfg: BatcherConfig) -> Batcher {
@@ -245,16 +242,7 @@ impl Batcher {
                 }
                 let _dead = Dead(flag);
                 backend.on_start();
-                // Fault injection for the liveness tests: the model thread ends after N batches,
-                // as it would on a crash in libtorch.
-                let exit_after: Option<u64> = std::env::var(MODEL_EXIT_HOOK).ok().and_then(|v| v.parse().ok());
-                let mut batches = 0u64;
                 while let Some(job) = job_rx.blocking_recv() {
-                    if exit_after.is_some_and(|n| batches >= n) {
-                        tracing::error!(hook = MODEL_EXIT_HOOK, batches, "model thread exiting (fault injection)");
-                        break;
-                    }
-                    batches += 1;
                     let started = std::time::Instant::now();
                     let results = run_isolating(&mut backend, &job.batch, &job.seqs);
                     batch_metrics().inference.observe(started.elapsed().as_secs_f64());
