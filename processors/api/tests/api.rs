@@ -556,6 +556,11 @@ async fn by_tag_ids(fx: &Fx, tag: &str) -> HashSet<String> {
     v["items"].as_array().map(|a| a.iter().map(|i| i["media_id"].as_str().unwrap().to_string()).collect()).unwrap_or_default()
 }
 
+/// The ids of the test's `s0`..`s2` batch among `ids`.
+fn batch_ids(ids: HashSet<String>) -> HashSet<String> {
+    ids.into_iter().filter(|id| id.len() == 2 && id.starts_with('s')).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between_tags() {
     streamoasis_testkit::require_stack!();
@@ -594,7 +599,9 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     assert_eq!(v["media_ids"], json!(["s0", "s1", "s2"]));
     assert_eq!(fx.end_offsets(&input), before + 4);
     let want: HashSet<String> = (0..3).map(|i| format!("s{i}")).collect();
-    eventually!(120, "3 items stored under sport", by_tag_ids(&fx, "sport").await == want);
+    // (The single item above is about business; with multi-label scores it may carry a weak
+    // second tag too, so the sport checks look at the s* batch only.)
+    eventually!(120, "3 items stored under sport", batch_ids(by_tag_ids(&fx, "sport").await) == want);
     let v = stored_tags(&fx, "s1").await.unwrap();
     assert_eq!(v["title"], sports[1]);
     assert_eq!(v["source"], "tests");
@@ -620,7 +627,11 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     let s = ops::retag(&fx.conn.kafka, &Default::default(), &o).await.unwrap();
     assert_eq!(s, ops::Summary { read: 4, sent: 2, skipped: 2, unavailable: 0 });
     let moved: HashSet<String> = ["s0".to_string(), "s2".to_string()].into();
-    eventually!(120, "s0, s2 moved to athletics", by_tag_ids(&fx, "athletics").await == moved && by_tag_ids(&fx, "sport").await == HashSet::from(["s1".to_string()]));
+    eventually!(
+        120,
+        "s0, s2 moved to athletics",
+        batch_ids(by_tag_ids(&fx, "athletics").await) == moved && batch_ids(by_tag_ids(&fx, "sport").await) == HashSet::from(["s1".to_string()])
+    );
     assert_eq!(stored_tags(&fx, "s0").await.unwrap()["tags"][0]["label"], "athletics");
     assert_eq!(stored_tags(&fx, "s1").await.unwrap()["tags"][0]["label"], "sport");
     let _ = std::fs::remove_file(file);

@@ -16,9 +16,6 @@ use common::proc::*;
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind};
 
-/// Test hook of the tagger (read once by the model thread): the model thread returns after this
-/// many batches, as if it had died.
-
 /// A TCP front for the schema registry: forwards while up; while failing, cuts every forwarded
 /// connection and answers each request 503.
 struct FlakyRegistry {

@@ -108,6 +108,9 @@ fn sighup_reloads_the_labels_of_a_running_tagger_and_keeps_them_on_a_bad_file() 
     p.signal("-HUP");
     assert!(wait_until(Duration::from_secs(60), || p.log().contains("SIGHUP: taxonomy not reloaded")), "no refusal logged; log:\n{}", p.log());
     assert!(p.child.try_wait().unwrap().is_none(), "still running after a bad reload");
+    // The file is made whole again for `streamoasis produce` (which reads it too); the running
+    // tagger only reads it on the next SIGHUP, so it keeps the labels it has.
+    std::fs::write(&t.path, serde_yaml::to_string(&y).unwrap()).unwrap();
     t.produce_items(2, 1, title);
     let mut kept = None;
     assert!(wait_until(Duration::from_secs(120), || {
