@@ -12,8 +12,14 @@ broker restart, registry down), then reads back every tagged event, every dead l
     recovery    fault end (process restarted, service back) -> the affected stage makes progress again
     peak RSS    /proc/<pid>/status VmRSS of the tagger and the sink, sampled every second
 
-A processor that exits unexpectedly is restarted (as Kubernetes would) up to 3 times; each such
-restart is reported. Exit status 1 when any scenario lost data or missed its expectation.
+A scenario FAILS when: anything is lost; duplicates exceed its bound (0 for graceful faults; for
+kill -9 of an at-least-once tagger, the records whose outputs existed but whose offsets were not
+committed at the kill, read from the group's committed offsets and the tags topic once the process
+is dead; 0 to a read_committed reader under exactly-once); a processor exits unexpectedly (it is
+still restarted, as Kubernetes would, up to 3 times, so the rest can be measured); a processor does
+not exit 0 on SIGTERM at the end; committed offsets run ahead of outputs after a kill; a poison
+record is dead-lettered with another error.kind than its case's, not byte for byte, or is tagged.
+Exit status 1 when any scenario failed.
 """
 import argparse
 import json
@@ -160,13 +166,14 @@ class Proc:
         self.starts = 0
         self.crashes = []  # exit statuses of unexpected exits
         self.expected_exit = False
+        self.extra_env = {}
 
     @property
     def log(self):
         return self.logdir / f"{self.role}.log"
 
     def start(self):
-        env = dict(os.environ, STREAMOASIS_TOPOLOGY=str(self.topo), RUST_LOG=os.environ.get("RUST_LOG", "info,rdkafka=warn,scylla=warn"))
+        env = dict(os.environ, STREAMOASIS_TOPOLOGY=str(self.topo), RUST_LOG=os.environ.get("RUST_LOG", "info,rdkafka=warn,scylla=warn"), **self.extra_env)
         f = open(self.log, "ab")
         f.write(f"\n===== start #{self.starts + 1} at {time.strftime('%H:%M:%S')} =====\n".encode())
         f.flush()
@@ -278,11 +285,14 @@ def flush(p, what):
 
 # ---- reading back -----------------------------------------------------------------------------------
 
-def read_topic(topic, timeout=60):
-    """Every record of `topic` from the beginning to the current end: [(key, headers)]."""
+def read_records(topic, committed=False, timeout=60):
+    """Every record of `topic` from the beginning to the current end: [(partition, offset, key, value, headers)].
+    committed=True reads with isolation.level=read_committed (records of aborted or open transactions
+    are skipped)."""
     c = Consumer({"bootstrap.servers": KAFKA, "group.id": f"faults-read-{uuid.uuid4()}", "enable.auto.commit": False,
                   "auto.offset.reset": "earliest", "enable.partition.eof": True, "fetch.max.bytes": 64 * 1024 * 1024,
-                  "receive.message.max.bytes": 100 * 1024 * 1024})
+                  "receive.message.max.bytes": 100 * 1024 * 1024,
+                  "isolation.level": "read_committed" if committed else "read_uncommitted"})
     try:
         md = c.list_topics(topic, timeout=10)
         parts = list(md.topics[topic].partitions.keys())
@@ -302,10 +312,28 @@ def read_topic(topic, timeout=60):
                 if m.error().code() == -191:  # _PARTITION_EOF
                     done.add(m.partition())
                 continue
-            out.append((m.key(), m.headers() or []))
+            out.append((m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
             if m.offset() + 1 >= ends[m.partition()]:
                 done.add(m.partition())
+        if len(done) < len(ends):
+            raise RuntimeError(f"reading {topic}: {len(ends) - len(done)} partitions not read to their end within {timeout}s")
         return out
+    finally:
+        c.close()
+
+
+def read_topic(topic, timeout=60, committed=False):
+    """Every record of `topic` from the beginning to the current end: [(key, headers)]."""
+    return [(k, h) for _, _, k, _, h in read_records(topic, committed, timeout)]
+
+
+def committed_offsets(group, topic):
+    """The group's committed offset per partition of `topic` (0 where none)."""
+    c = Consumer({"bootstrap.servers": KAFKA, "group.id": group, "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=10)
+        tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
+        return {tp.partition: max(tp.offset, 0) for tp in c.committed(tps, timeout=10)}
     finally:
         c.close()
 
@@ -353,8 +381,9 @@ class Db:
 class Scenario:
     """A topology copy with unique names, the processes of one scenario, their RSS samples and progress."""
 
-    def __init__(self, name, run_dir, db, big=False):
+    def __init__(self, name, run_dir, db, big=False, delivery="at_least_once"):
         self.name = name
+        self.delivery = delivery
         self.sid = uuid.uuid4().hex[:10]
         self.dir = run_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -377,6 +406,9 @@ class Scenario:
         t["scylla"]["consistency"] = "ONE"
         t["tagging"]["model"]["path"] = str(ROOT / t["tagging"]["model"]["path"])
         tg = t["processors"]["tagger"]
+        tg["delivery"] = delivery
+        self.groups = {r: t["processors"][r]["group"] for r in ("tagger", "sink")}
+        self.max_in_flight = {r: int(t["processors"][r].get("max_in_flight", 512)) for r in ("tagger", "sink")}
         self.input, self.tags, self.dlq, self.sink_dlq = tg["input"], tg["output"], tg["dlq"], t["processors"]["sink"]["dlq"]
         if big:
             # The poison corpus holds a 10 MB record: the ingest topic and its DLQ accept up to 16 MiB
@@ -388,6 +420,11 @@ class Scenario:
             # Clients: 8 MiB, the run loop's own fetch.max.bytes (librdkafka refuses a consumer whose
             # fetch.max.bytes is below message.max.bytes, and the run loop sets its own after ours).
             t["kafka"]["client"] = dict(t["kafka"]["client"] or {}, **{"message.max.bytes": str(CLIENT_MAX)})
+        if os.environ.get("FAULTS_KAFKA_DEBUG"):
+            # librdkafka debug contexts for the processors (e.g. "eos,msg,broker"), to diagnose a scenario;
+            # they reach the log with RUST_LOG=...,librdkafka=debug
+            t.setdefault("kafka", {})
+            t["kafka"]["client"] = dict(t["kafka"].get("client") or {}, debug=os.environ["FAULTS_KAFKA_DEBUG"])
         self.topo = self.dir / "topology.yaml"
         self.topo.write_text(yaml.safe_dump(t, sort_keys=False))
         env = dict(os.environ, STREAMOASIS_TOPOLOGY=str(self.topo))
@@ -524,9 +561,10 @@ class Scenario:
         return th, res
 
     def verify(self, good_ids, field_timeout=0):
-        """Read back tags topic and rows: (tagged_unique, rows, lost, duplicated, per-id tag counts)."""
+        """Read back tags topic and rows: (tagged_unique, rows, lost, duplicated, per-id tag counts).
+        Under exactly-once the tags topic is read as a subscriber must read it (read_committed)."""
         counts = {}
-        for key, _ in read_topic(self.tags):
+        for key, _ in read_topic(self.tags, committed=self.delivery == "exactly_once"):
             k = key.decode(errors="replace") if key else ""
             counts[k] = counts.get(k, 0) + 1
         rows = self.db.ids(self.ks)
@@ -567,13 +605,27 @@ class Scenario:
         v = [kb for _, r, kb in self.rss if r == role]
         return max(v) / 1024 if v else None
 
-    def result(self, sent, v, recovery=None, extra=None):
+    def stop_procs(self):
+        """SIGTERM every running processor: a graceful drain must exit 0 within the drain timeout."""
+        for name, p in self.procs.items():
+            if p.alive():
+                code = p.term(40)
+                self.check(code == 0, f"{name} exits 0 on SIGTERM (got {code})")
+
+    def result(self, sent, v, recovery=None, extra=None, dup_bound=0, dup_why="graceful: no replay allowed"):
+        """The scenario's verdict: nothing lost, duplicates within `dup_bound`, no processor exited
+        unexpectedly, every processor drained and exited 0 on SIGTERM, every check passed."""
+        self.stop_procs()
+        for role, p in self.procs.items():
+            self.check(not p.crashes, f"{role} never exited unexpectedly (unexpected exits: {len(p.crashes)}, statuses {p.crashes})")
+        if v:
+            self.check(v["duplicated"] <= dup_bound, f"duplicates {v['duplicated']} <= bound {dup_bound} ({dup_why})")
         lost = v["lost"] if v else None
         ok = (lost == 0) and all(c for c, _ in self.checks)
         r = {"scenario": self.name, "sent": sent, "received": v["tagged"] if v else None, "rows": v["rows"] if v else None,
              "lost": lost, "duplicated": v["duplicated"] if v else None, "recovery_s": None if recovery is None else round(recovery, 1),
              "rss_tagger_mb": self.peak("tagger"), "rss_sink_mb": self.peak("sink"), "restarts": dict(self.restarts),
-             "checks": [(c, t) for c, t in self.checks], "notes": self.notes, "ok": ok, "elapsed_s": round(time.time() - self.t0, 1)}
+             "dup_bound": dup_bound, "checks": [(c, t) for c, t in self.checks], "notes": self.notes, "ok": ok, "elapsed_s": round(time.time() - self.t0, 1)}
         if v and v["missing_sample"]:
             r["missing_sample"] = v["missing_sample"]
         if extra:
@@ -583,17 +635,66 @@ class Scenario:
 
 # ---- scenarios ----------------------------------------------------------------------------------------
 
-def scen_kill(run_dir, db, role, n, rate):
-    s = Scenario(f"kill9-{role}", run_dir, db)
+def tagged_keys(topic, committed=False):
+    return [k.decode(errors="replace") if k else "" for _, _, k, _, _ in read_records(topic, committed)]
+
+
+def uncommitted_outputs(s, role):
+    """At a moment the processor cannot move (killed or stopped): check that its committed offsets
+    are never ahead of its outputs, and count the records whose outputs exist but whose offsets are
+    not committed: exactly those are replayed (at-least-once) after a restart.
+    Returns (replayable, text)."""
+    src = s.input if role == "tagger" else s.tags
+    offs = committed_offsets(s.groups[role], src)
+    recs = read_records(src)
+    below = [r for r in recs if r[1] < offs.get(r[0], 0)]
+    above = [r for r in recs if r[1] >= offs.get(r[0], 0)]
+    key = lambda r: r[2].decode(errors="replace") if r[2] else ""
+    if role == "tagger":
+        done = set(tagged_keys(s.tags, committed=s.delivery == "exactly_once"))
+    else:
+        done = s.db.ids(s.ks)
+    ahead = [key(r) for r in below if key(r) not in done]
+    s.check(not ahead, f"{role}: committed offsets {sum(offs.values())} never ahead of its outputs ({len(ahead)} committed records without output, e.g. {ahead[:3]})")
+    replayable = sum(1 for r in above if key(r) in done)
+    return replayable, f"{role} committed {sum(offs.values())} of {len(recs)} input records; {replayable} output but uncommitted at the fault"
+
+
+def freeze_mid_transaction(s, role, tries=40):
+    """SIGSTOP the processor at a moment its transaction holds records (read_uncommitted sees more
+    than read_committed). Returns (uncommitted, committed) counts, or None after `tries`."""
+    p = s.procs[role]
+    for _ in range(tries):
+        p.p.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # produce requests already on the wire land
+        u, c = len(read_records(s.tags)), len(read_records(s.tags, committed=True))
+        if u > c:
+            return u, c
+        p.p.send_signal(signal.SIGCONT)
+        time.sleep(0.3)
+    return None
+
+
+def scen_kill(run_dir, db, role, n, rate, delivery="at_least_once"):
+    eos = delivery == "exactly_once"
+    s = Scenario(f"kill9-{role}" + ("-eos" if eos else ""), run_dir, db, delivery=delivery)
     try:
         s.start("tagger", "sink")
         s.wait_ready(["tagger", "sink"])
         th, res = s.produce_async(n, rate)
         field = "tags" if role == "tagger" else "rows"
         s.wait_for(lambda: s.last(field) >= n // 4, 180, 0.2)
+        extra = {}
+        if eos:
+            # Kill inside an open transaction that holds records: they must be aborted.
+            frozen = freeze_mid_transaction(s, role)
+            s.check(frozen is not None, "the tagger was caught with an open transaction holding records")
+            extra["at_kill_uncommitted_committed"] = frozen
         log(f"{s.name}: kill -9 the {role} at {s.last(field)}/{n} {field}")
         s.procs[role].kill9()
-        time.sleep(1)
+        time.sleep(1)  # produce requests already on the wire land before outputs are counted
+        replayable, why = uncommitted_outputs(s, role)
+        log(f"{s.name}: {why}")
         s.procs[role].start()
         fault_end = time.time()
         th.join()
@@ -601,7 +702,20 @@ def scen_kill(run_dir, db, role, n, rate):
             raise res["error"]
         s.check(s.wait_complete(res["ids"], 300), "all items tagged and written within 300 s")
         v = s.verify(res["ids"])
-        return s.result(n, v, s.recovery(fault_end, field))
+        if eos:
+            # The killed transaction's records stay in the log, marked aborted: read_uncommitted
+            # sees them, read_committed does not.
+            u, c = len(read_records(s.tags)), len(read_records(s.tags, committed=True))
+            s.check(c == n, f"read_committed sees exactly {n} tagged events (got {c})")
+            s.check(u > c, f"a transaction was aborted: read_uncommitted {u} > read_committed {c} records")
+            extra["tags_uncommitted_committed"] = (u, c)
+            bound, why = 0, "exactly-once: 0 to read_committed"
+        elif role == "tagger":
+            bound = replayable
+            why = f"records output but uncommitted at the kill ({why})"
+        else:
+            bound, why = 0, "the tagger was not touched"
+        return s.result(n, v, s.recovery(fault_end, field), extra, dup_bound=bound, dup_why=why)
     finally:
         s.close(KEEP)
 
@@ -636,16 +750,23 @@ def scen_cql_stop(run_dir, db, n, rate, secs=20):
         s.close(KEEP)
 
 
-def scen_kafka_restart(run_dir, db, n, rate):
-    s = Scenario("kafka-restart", run_dir, db)
+def scen_kafka_restart(run_dir, db, n, rate, delivery="at_least_once"):
+    eos = delivery == "exactly_once"
+    s = Scenario("kafka-restart" + ("-eos" if eos else ""), run_dir, db, delivery=delivery)
     try:
         s.start("tagger", "sink")
         s.wait_ready(["tagger", "sink"])
         th, res = s.produce_async(n, rate)
         s.wait_for(lambda: s.last("rows") >= n // 5, 180, 0.2)
+        # What may be replayed: outputs of records not committed when the broker goes away, plus the
+        # records the tagger admits until the broker is gone (each can be output before the broker
+        # stops and replayed after it returns), plus one max_in_flight window around the rejoin.
+        replayable, why = (0, "") if eos else uncommitted_outputs(s, "tagger")
+        in_before = topic_end(s.input)
         log(f"{s.name}: stopping the broker at {s.last('rows')}/{n} rows")
         t_stop = time.time()
         stop_service("kafka")
+        admitted = max(0, round((time.time() - t_stop) * rate) + 1) if th.is_alive() else 0
         time.sleep(3)
         up = stack_up()
         fault_end = time.time()
@@ -655,8 +776,64 @@ def scen_kafka_restart(run_dir, db, n, rate):
             raise res["error"]
         s.check(s.wait_complete(res["ids"], 300), "all items tagged and written within 300 s of the broker's return")
         s.check(s.procs["tagger"].starts == 1 and s.procs["sink"].starts == 1, "processors recovered without a restart")
+        rec = s.recovery(fault_end, "rows")
+        s.check(rec is not None and rec <= 60, f"rows advance again within 60 s of the broker's return (took {rec})")
         v = s.verify(res["ids"])
-        return s.result(n, v, s.recovery(fault_end, "rows"), {"outage_s": round(fault_end - t_stop, 1)})
+        if eos:
+            bound, why = 0, "exactly-once: 0 to read_committed"
+        else:
+            bound = replayable + admitted + s.max_in_flight["tagger"]
+            why = f"{why}; +{admitted} produced to the input while the broker stopped; +max_in_flight {s.max_in_flight['tagger']}"
+        return s.result(n, v, rec, {"outage_s": round(fault_end - t_stop, 1), "input_at_stop": in_before}, dup_bound=bound, dup_why=why)
+    finally:
+        s.close(KEEP)
+
+
+def scen_eos_zombie(run_dir, db, n, rate, pause=20):
+    """Exactly-once with two taggers: the first is SIGSTOPped inside an open transaction, the second
+    takes its partitions, then the first is resumed. The zombie must be fenced (its transaction
+    aborted, nothing of it visible to read_committed) and every item tagged exactly once."""
+    s = Scenario("eos-zombie", run_dir, db, delivery="exactly_once")
+    (s.dir / "b").mkdir(exist_ok=True)
+    a, b = s.procs["tagger"], Proc("tagger", s.topo, s.dir / "b")
+    # Two replicas on one host: distinct transactional ids, as two pods would have.
+    a.extra_env["STREAMOASIS_TRANSACTIONAL_ID"] = f"zombie-a-{s.sid}"
+    b.extra_env["STREAMOASIS_TRANSACTIONAL_ID"] = f"zombie-b-{s.sid}"
+    del s.procs["sink"]
+    s.procs["tagger-b"] = b
+    s.restarts["tagger-b"] = 0
+    try:
+        a.start()
+        s.wait_ready(["tagger"])
+        th, res = s.produce_async(n, rate)
+        s.wait_for(lambda: s.last("tags") >= n // 4, 180, 0.2)
+        frozen = freeze_mid_transaction(s, "tagger")
+        s.check(frozen is not None, "the first tagger was stopped inside an open transaction holding records")
+        log(f"{s.name}: first tagger SIGSTOPped mid-transaction ({frozen}); starting the second")
+        b.start()
+        before = len(read_records(s.tags, committed=True))
+        took_over = s.wait_for(lambda: len(read_records(s.tags, committed=True)) > before + 50, 120)
+        s.check(took_over, "the second tagger took the partitions and committed transactions")
+        time.sleep(max(0, pause - 10))
+        log(f"{s.name}: SIGCONT the first tagger")
+        a.expected_exit = True  # a fenced zombie may stop (fatal) or rejoin: both are fine, data decides
+        a.p.send_signal(signal.SIGCONT)
+        th.join()
+        if "error" in res:
+            raise res["error"]
+        s.check(s.wait_for(lambda: len(read_records(s.tags, committed=True)) >= n, 300), f"{n} tagged events visible to read_committed")
+        time.sleep(3)
+        text = a.log.read_text(errors="replace").lower()
+        s.check("transaction aborted" in text or "fenced" in text, "the resumed first tagger was fenced (its log: transaction aborted / fenced)")
+        u, c = len(read_records(s.tags)), len(read_records(s.tags, committed=True))
+        s.check(u > c, f"the zombie's records are in the log but aborted: read_uncommitted {u} > read_committed {c}")
+        counts = {}
+        for k in tagged_keys(s.tags, committed=True):
+            counts[k] = counts.get(k, 0) + 1
+        good = set(res["ids"])
+        v = {"tagged": len(good & set(counts)), "rows": None, "lost": len(good - set(counts)), "duplicated": sum(c - 1 for k, c in counts.items() if k in good),
+             "missing_sample": sorted(good - set(counts))[:5], "counts": counts}
+        return s.result(n, v, None, {"zombie_exit": a.p.returncode, "tags_uncommitted_committed": (u, c)}, dup_bound=0, dup_why="exactly-once: 0 to read_committed")
     finally:
         s.close(KEEP)
 
@@ -722,6 +899,9 @@ def scen_registry_mid_run(run_dir, db, n, secs=240):
 # 1.2 MB) is over the tags topic's 1 MiB limit whatever the producer's compression.
 _rng = random.Random(600_000)
 LONG_ID = "".join(_rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") for _ in range(600_000))
+# A 1.2 MB title: the input (under max_record_bytes) decodes and is tagged, but the tagged event
+# carries the title and is over the tags topic's 1 MiB limit: output_too_large.
+BIG_TITLE = "".join(_rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(1_200_000))
 
 
 def poison_corpus(s, kinds=None):
@@ -747,6 +927,7 @@ def poison_corpus(s, kinds=None):
         ("deep_recursion", b"poison-deep", b"\x00" + struct.pack(">I", deep_id) + deep_body),
         ("huge_transcript_10mb", b"poison-huge", c.frame(good("poison-huge", transcript="word " * 2_000_000))),
         ("media_id_600k", b"poison-long-id", c.frame(good(LONG_ID))),
+        ("title_1_2mb", b"poison-big-title", c.frame(good("poison-big-title", title=BIG_TITLE))),
         ("empty_strings", b"poison-empty", c.frame(good("", title="", source="", language=""))),
         ("control_chars", b"poison-ctl", c.frame(good("poison-ctl\x00\x01\x1b[2J", title="\x00\x07\x08\x1b[31mred\x7f", description="\x00" * 100))),
         ("labels_10000", b"poison-labels", c.frame(good("poison-labels", candidate_labels=[f"label-{i}" for i in range(10_000)]))),
@@ -758,8 +939,31 @@ def poison_corpus(s, kinds=None):
         out = [x for x in out if x[0] in kinds]
     # media ids a poison would carry into the tags topic, were it tagged instead of dead-lettered
     tagged_keys = {"poison-truncated": None, "poison-huge": "huge_transcript_10mb", LONG_ID: "media_id_600k", "": "empty_strings",
-                   "poison-ctl\x00\x01\x1b[2J": "control_chars", "poison-labels": "labels_10000", "poison-attrs": "attributes_100000", "poison-deep": "deep_recursion"}
+                   "poison-ctl\x00\x01\x1b[2J": "control_chars", "poison-labels": "labels_10000", "poison-attrs": "attributes_100000", "poison-deep": "deep_recursion",
+                   "poison-big-title": "title_1_2mb"}
     return out, tagged_keys
+
+
+# The exact `error.kind` each poison case must be dead-lettered with.
+POISON_KIND = {
+    "random_bytes": "bad_framing",
+    "wrong_magic": "bad_framing",
+    "unknown_schema_id": "unknown_schema_id",
+    "truncated_avro": "undecodable",
+    "other_schema": "undecodable",
+    "deep_recursion": "schema_too_deep",
+    "huge_transcript_10mb": "record_too_large",
+    "media_id_600k": "media_id_too_long",
+    "title_1_2mb": "output_too_large",
+    "empty_strings": "invalid_field",
+    "control_chars": "invalid_field",
+    "labels_10000": "invalid_labels",
+    "attributes_100000": "attributes_too_large",
+    "empty_payload": "empty_payload",
+    "framing_only": "undecodable",
+}
+# Cases larger than the processors' client message.max.bytes (8 MiB): dead-lettered without payload.
+POISON_PAYLOAD_OMITTED = {"huge_transcript_10mb"}
 
 
 def scen_poison(run_dir, db, goods, timeout, kinds=None):
@@ -795,19 +999,37 @@ def scen_poison(run_dir, db, goods, timeout, kinds=None):
         time.sleep(2)
         v = s.verify(ids)
         dl = {}
-        kinds = {}
-        for _, headers in read_topic(s.dlq):
+        for _, _, key, value, headers in read_records(s.dlq):
             h = {k: (val or b"").decode(errors="replace") for k, val in headers}
-            case = h.get("faults.case", "?")
-            dl[case] = dl.get(case, 0) + 1
-            kinds[case] = h.get("error.kind")
+            dl.setdefault(h.get("faults.case", "?"), []).append((key, value, h))
         per = {}
+        original = {kind: (key, val) for kind, key, val in corpus}
         for kind, _, _ in corpus:
-            n = dl.get(kind, 0)
-            wrongly_tagged = sum(c for key, c in v["counts"].items() if tagged_keys.get(key) == kind)
-            per[kind] = {"dlq": n, "error_kind": kinds.get(kind), "tagged": wrongly_tagged}
-            s.check(n == 1 and kinds.get(kind), f"{kind}: in the DLQ exactly once with error.kind (got {n}x, kind={kinds.get(kind)}, tagged {wrongly_tagged}x)")
-        lost_poison = sum(1 for kind, _, _ in corpus if dl.get(kind, 0) == 0)
+            letters = dl.get(kind, [])
+            n = len(letters)
+            want = POISON_KIND[kind]
+            got = letters[0][2].get("error.kind") if letters else None
+            key, value, h = letters[0] if letters else (None, None, {})
+            # Tagged too? Any tag event whose key is the poison's media id or record key.
+            wrongly_tagged = sum(c for k, c in v["counts"].items() if tagged_keys.get(k) == kind or k.encode() == original[kind][0])
+            omitted = h.get("error.payload_omitted_bytes")
+            per[kind] = {"dlq": n, "error_kind": got, "tagged": wrongly_tagged, "payload_omitted_bytes": omitted}
+            s.check(n == 1, f"{kind}: in the DLQ exactly once (got {n}x)")
+            s.check(got == want, f"{kind}: error.kind {want} (got {got})")
+            s.check(wrongly_tagged == 0, f"{kind}: never tagged (tagged {wrongly_tagged}x)")
+            if letters:
+                s.check(key == original[kind][0], f"{kind}: dead letter keeps the original key")
+                orig = original[kind][1]
+                if kind in POISON_PAYLOAD_OMITTED:
+                    # Too large for the client: the dead letter carries the headers alone, and says how large
+                    # the original is (it stays at source.partition/source.offset).
+                    s.check(value is None and omitted == str(len(orig)), f"{kind}: payload omitted, error.payload_omitted_bytes = {len(orig)} (got payload {None if value is None else len(value)} bytes, header {omitted})")
+                else:
+                    s.check(value == orig and omitted is None, f"{kind}: dead letter holds the original bytes ({None if orig is None else len(orig)}) (got {None if value is None else len(value)}; omitted header {omitted})")
+                s.check(h.get("source.topic") == s.input and h.get("error.processor") == "tagger", f"{kind}: source.topic/error.processor headers ({h.get('source.topic')}, {h.get('error.processor')})")
+        stray = sorted(k for k in dl if k not in original)
+        s.check(not stray, f"no unexpected dead letters (got cases {stray})")
+        lost_poison = sum(1 for kind, _, _ in corpus if not dl.get(kind))
         r = s.result(goods + len(corpus), v, None, {"poison": per, "lost_poison": lost_poison})
         r["lost"] = (v["lost"] or 0) + lost_poison
         r["ok"] = r["ok"] and lost_poison == 0
@@ -898,6 +1120,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short scenarios only (kill -9 tagger/sink, registry mid-run, poison corpus)")
     ap.add_argument("--only", default="", help="comma-separated scenario names to run")
+    ap.add_argument("--rotate", action="store_true", help="with --quick: also one long scenario (not the backlog), chosen by the day of the year "
+                    "(FAULTS_ROTATE_DAY=N to pick another day), so every long scenario runs within a few days")
     ap.add_argument("--items", type=int, default=0, help="items per short scenario (default 800 quick, 3000 full)")
     ap.add_argument("--backlog", type=int, default=100_000, help="items in the backlog scenario (full run)")
     ap.add_argument("--poison", default="", help="comma-separated poison kinds to send (default: all)")
@@ -914,15 +1138,29 @@ def main():
     db = Db()
     plan = [
         ("kill9-tagger", True, lambda: scen_kill(run_dir, db, "tagger", n, rate)),
+        ("kill9-tagger-eos", True, lambda: scen_kill(run_dir, db, "tagger", n, rate, "exactly_once")),
+        ("eos-zombie", True, lambda: scen_eos_zombie(run_dir, db, n, rate)),
         ("kill9-sink", True, lambda: scen_kill(run_dir, db, "sink", n, rate)),
         ("poison-corpus", True, lambda: scen_poison(run_dir, db, 300 if args.quick else 1000, 120 if args.quick else 300, {k for k in args.poison.split(",") if k})),
         ("registry-down-mid-run", True, lambda: scen_registry_mid_run(run_dir, db, n // 2)),
         ("cql-stopped", False, lambda: scen_cql_stop(run_dir, db, n, rate)),
         ("kafka-restart", False, lambda: scen_kafka_restart(run_dir, db, n, rate)),
+        ("kafka-restart-eos", False, lambda: scen_kafka_restart(run_dir, db, n, rate, "exactly_once")),
         ("registry-down-at-start", False, lambda: scen_registry_at_start(run_dir, db, n // 2)),
         ("backlog", False, lambda: scen_backlog(run_dir, db, args.backlog, 3000)),
     ]
     only = {x for x in args.only.split(",") if x}
+    known = {name for name, _, _ in plan}
+    if only - known:
+        sys.exit(f"error: unknown scenario(s) {sorted(only - known)}; known: {sorted(known)}")
+    if args.rotate:
+        if not args.quick or only:
+            sys.exit("error: --rotate goes with --quick (and without --only)")
+        long = [name for name, quick, _ in plan if not quick and name != "backlog"]
+        day = int(os.environ.get("FAULTS_ROTATE_DAY") or time.strftime("%j"))
+        pick = long[day % len(long)]
+        log(f"--rotate: day {day} -> long scenario {pick} (rotation: {', '.join(long)})")
+        only = {name for name, quick, _ in plan if quick} | {pick}
     results = []
     t0 = time.time()
     interrupted = False

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use streamoasis_pipeline::client::{self, client_config, producer, wait_for_broker};
@@ -234,6 +235,18 @@ fn item(i: usize, prefix: &str) -> MediaIngested {
     }
 }
 
+/// A refusal must say why: its message holds one of `any` (case-insensitive).
+fn assert_reason(msg: &str, any: &[&str], what: &str) {
+    let m = msg.to_lowercase();
+    assert!(any.iter().any(|w| m.contains(w)), "{what}: refused, but not for the expected reason (one of {any:?}): {msg}");
+}
+
+/// ... and not by giving up waiting.
+fn assert_no_reason(msg: &str, none: &[&str], what: &str) {
+    let m = msg.to_lowercase();
+    assert!(!none.iter().any(|w| m.contains(w)), "{what}: refused only by a timeout: {msg}");
+}
+
 /// Each refusal the secured stack must make; run while the pipeline is working.
 async fn assert_refusals(s: &Setup) {
     let kafka = &s.roles.kafka;
@@ -241,12 +254,13 @@ async fn assert_refusals(s: &Setup) {
     let plain = BTreeMap::new();
     let e = wait_for_broker(kafka, &plain, Duration::from_secs(5)).expect_err("a plaintext Kafka client must be refused");
     eprintln!("refused (plaintext Kafka client): {e}");
+    assert_reason(&e.to_string(), &["security.protocol", "ssl listener", "disconnected while requesting apiversion", "handshake"], "plaintext Kafka client");
 
     // 2. A wrong SCRAM password.
     let mut wrong = s.roles.tagger.clone();
     wrong.insert("sasl.password".into(), format!("wrong-{}", uuid::Uuid::new_v4().simple()));
     let e = wait_for_broker(kafka, &wrong, Duration::from_secs(5)).expect_err("a wrong SCRAM password must be refused");
-    assert!(e.to_string().to_lowercase().contains("authentication"), "the error says why: {e}");
+    assert_reason(&e.to_string(), &["sasl authentication failed", "authentication failed"], "wrong SCRAM password");
     eprintln!("refused (wrong SCRAM password): {e}");
     // ... while the right one works, with the same client code.
     wait_for_broker(kafka, &s.roles.tagger, Duration::from_secs(10)).expect("the tagger's own credentials work");
@@ -260,18 +274,28 @@ async fn assert_refusals(s: &Setup) {
             .await;
     match sent {
         Ok(Ok(d)) => panic!("the sink principal wrote to {} ({d:?}): ACLs not enforced", s.output),
-        Ok(Err((e, _))) => eprintln!("refused (sink principal writing to {}): {e}", s.output),
-        Err(_) => eprintln!("refused (sink principal writing to {}): not accepted within 30 s", s.output),
+        Ok(Err((e, _))) => {
+            eprintln!("refused (sink principal writing to {}): {e}", s.output);
+            assert_eq!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::TopicAuthorizationFailed), "refused for lack of WRITE on the topic: {e}");
+        }
+        Err(_) => panic!("the sink principal's write to {} got no answer within 30 s: a refusal must say why", s.output),
     }
     // ... and the tagger principal reading the sink's input with a group it has no right to.
     let mut cc = client_config(kafka, &s.roles.tagger);
     cc.set("group.id", format!("not-granted-{}", uuid::Uuid::new_v4().simple())).set("auto.offset.reset", "earliest");
     let c: StreamConsumer = cc.create().unwrap();
     c.subscribe(&[s.output.as_str()]).unwrap();
-    match tokio::time::timeout(Duration::from_secs(15), c.recv()).await {
+    // Whether or not the topic holds records yet, the refusal must come as an error saying why.
+    match tokio::time::timeout(Duration::from_secs(30), c.recv()).await {
         Ok(Ok(m)) => panic!("the tagger principal read {} at offset {}: ACLs not enforced", s.output, m.offset()),
-        Ok(Err(e)) => eprintln!("refused (tagger principal reading {} with an ungranted group): {e}", s.output),
-        Err(_) => eprintln!("refused (tagger principal reading {} with an ungranted group): nothing delivered in 15 s", s.output),
+        Ok(Err(e)) => {
+            eprintln!("refused (tagger principal reading {} with an ungranted group): {e}", s.output);
+            assert!(
+                matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::GroupAuthorizationFailed | RDKafkaErrorCode::TopicAuthorizationFailed)),
+                "refused for lack of READ on the group or topic: {e}"
+            );
+        }
+        Err(_) => panic!("the tagger principal reading {} with an ungranted group got no error within 30 s: a refusal must say why", s.output),
     }
 
     // 4. CQL without credentials (TLS on) and without TLS (credentials on).
@@ -280,13 +304,17 @@ async fn assert_refusals(s: &Setup) {
     let anonymous = CqlSecurity { username: None, password: None, tls: admin.tls.clone() };
     let e = connect_with(&s.roles.cql_uri, &cfg, &anonymous).await.expect_err("a CQL client without credentials must be refused");
     eprintln!("refused (CQL without credentials): {e}");
+    assert_reason(&format!("{e:#}"), &["authenticat", "credentials"], "CQL without credentials");
     let no_tls = CqlSecurity { tls: None, ..admin.clone() };
     let e = connect_with(&s.roles.cql_uri, &cfg, &no_tls).await.expect_err("a CQL client without TLS must be refused");
     eprintln!("refused (CQL without TLS): {e}");
+    assert_reason(&format!("{e:#}"), &["connection", "broken", "reset", "closed", "tls", "ssl", "frame"], "CQL without TLS");
+    assert_no_reason(&format!("{e:#}"), &["timed out", "timeout"], "CQL without TLS");
     // ... and the sink role cannot change the schema (it holds SELECT and MODIFY only).
     let sink_session = connect_with(&s.roles.cql_uri, &cfg, &cql_sink(&cfg)).await.unwrap();
     let e = sink_session.query_unpaged(format!("DROP TABLE {}.media_tags", cfg.keyspace), ()).await.expect_err("the sink role must not drop tables");
     eprintln!("refused (sink role dropping a table): {e}");
+    assert_reason(&e.to_string(), &["unauthorized", "permission"], "sink role dropping a table");
 
     // 5. A registry call without credentials (same TLS), and one over plain http.
     let tls_only = RegistryAuth { basic: None, ..RegistryAuth::from_env().unwrap() };
@@ -297,6 +325,7 @@ async fn assert_refusals(s: &Setup) {
     let http = s.roles.registry.replacen("https://", "http://", 1);
     let e = Codec::new(&http).unwrap().register(&format!("{}-value", s.input), "\"string\"", "BACKWARD").await.expect_err("plain http to the registry must be refused");
     eprintln!("refused (registry over plain http): {e}");
+    assert_reason(&e.to_string(), &["400", "https"], "registry over plain http");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -348,7 +377,8 @@ async fn secured_pipeline_a_thousand_items_in_out_and_rows_while_intruders_are_r
     let k = sink_task.await.unwrap().unwrap();
     assert_eq!(t.dead_lettered, 0, "tagger {t:?}");
     assert_eq!(k.dead_lettered, 0, "nothing but tagged events reached the sink: {k:?}");
-    assert!(t.processed >= 1000 && k.processed >= 1000, "tagger {t:?} sink {k:?}");
+    // One tagger, one sink, no fault: each record handled exactly once.
+    assert_eq!((t.processed, k.processed), (1000, 1000), "tagger {t:?} sink {k:?}");
 }
 
 /// A child process whose output goes to a file.
