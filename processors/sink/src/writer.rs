@@ -125,7 +125,8 @@ impl TagWriter {
         })
     }
 
-    /// Upsert one event: the item row, one row per tag, and deletes for tags it no longer has.
+    /// Upsert one event: one row per tag and deletes for tags it no longer has, then the item row
+    /// (so an event the database refuses leaves no item row).
     /// Returns `false` when the stored row is newer and the event was skipped.
     pub async fn write(&self, e: &MediaTagged) -> Result<bool, WriteError> {
         let started = std::time::Instant::now();
@@ -169,26 +170,29 @@ impl TagWriter {
         let kind = e.kind.as_str();
         let strategy = e.strategy.as_str();
         let model = format!("{}@{}", e.model.name, e.model.version);
-        let main = self.session.execute_unpaged(
-            &self.upsert,
-            (&e.media_id, &tags, &top, &kind, &strategy, &model, CqlTimestamp(e.ingested_at), tagged_at, &e.lineage.topic, e.lineage.partition, e.lineage.offset, ts_us),
-        );
         // media_by_tag rows are keyed by (tag, bucket, score, media_id): a tag whose score
-        // changed moves to a new row, so the old row is deleted like a dropped tag.
+        // changed moves to a new row, so the old row is deleted like a dropped tag. They go first:
+        // their keys hold the labels, so they are where the database refuses an event (a key over
+        // 64 KiB), and a refused event must leave no item row behind for readers to see.
         let bucket = bucket_of(&e.media_id);
         let links = e.tags.iter().map(|t| self.session.execute_unpaged(&self.by_tag, (&t.label, bucket, t.score, &e.media_id, tagged_at, ts_us)));
         let unlinks = previous
             .iter()
             .filter(|(l, s)| tags.get(*l).is_none_or(|n| n.to_bits() != s.to_bits()))
             .map(|(l, s)| self.session.execute_unpaged(&self.unlink, (ts_us, l, bucket, *s, &e.media_id)));
-        // Fields carried from the input (title, source, language, attributes), for the read path.
-        let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.media_id));
-        let (main, links, unlinks, carry) = tokio::join!(main, futures::future::join_all(links), futures::future::join_all(unlinks), carry);
-        main.map_err(|x| classify("write media_tags", &x))?;
-        carry.map_err(|x| classify("write media_tags", &x))?;
+        let (links, unlinks) = tokio::join!(futures::future::join_all(links), futures::future::join_all(unlinks));
         for r in links.into_iter().chain(unlinks) {
             r.map_err(|x| classify("write media_by_tag", &x))?;
         }
+        let main = self.session.execute_unpaged(
+            &self.upsert,
+            (&e.media_id, &tags, &top, &kind, &strategy, &model, CqlTimestamp(e.ingested_at), tagged_at, &e.lineage.topic, e.lineage.partition, e.lineage.offset, ts_us),
+        );
+        // Fields carried from the input (title, source, language, attributes), for the read path.
+        let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.media_id));
+        let (main, carry) = tokio::join!(main, carry);
+        main.map_err(|x| classify("write media_tags", &x))?;
+        carry.map_err(|x| classify("write media_tags", &x))?;
         Ok(true)
     }
 }

@@ -35,6 +35,9 @@ pub(crate) struct Shared<P> {
     /// Largest output the producer accepts (`message.max.bytes`).
     pub max_output_bytes: usize,
     pub health: Arc<Health>,
+    /// Dead letters are sent under its read lock; a letter the broker called too large is sent
+    /// again under its write lock, alone in its batch (see [`super::dlq::dead_letter`]).
+    pub dlq_solo: tokio::sync::RwLock<()>,
 }
 
 /// How a record ended.
