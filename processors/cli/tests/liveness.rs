@@ -1,4 +1,5 @@
-//! Liveness and escalation of the shipped binary, against the real local stack: a registry that keeps failing past
+//! Liveness and escalation of the shipped binary, against the real local stack: a dead model
+//! thread fails `/healthz` and ends the process non-zero; a registry that keeps failing past
 //! `transient_budget` ends it non-zero naming the registry; a drain that overruns `drain_timeout`
 //! stops at the timeout with its message, and the abandoned records are redelivered. (The broker
 //! going away past `consumer_error_timeout` is in `broker_away.rs`: it stops the stack's broker,
@@ -15,6 +16,40 @@ use std::time::{Duration, Instant};
 use common::proc::*;
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::{now_millis, MediaIngested, MediaKind};
+
+/// Test hook of the tagger (read once by the model thread, see `streamoasis_tagger::batcher`):
+/// once a file exists at this path, the model thread ends at its next batch, as if it had died.
+const MODEL_EXIT_HOOK: &str = "STREAMOASIS_TEST_MODEL_EXIT_FILE";
+
+#[test]
+fn a_dead_model_thread_fails_healthz_and_the_tagger_exits_non_zero() {
+    streamoasis_testkit::require_stack!();
+    let t = topology("model-dead");
+    t.apply();
+    let trigger = t.dir.join("model-exit");
+    let mut p = t.spawn_tagger_env(free_addr(), &[(MODEL_EXIT_HOOK, trigger.to_str().unwrap())]);
+    assert!(wait_until(Duration::from_secs(180), || p.get("/readyz").map(|r| r.0) == Some(200)), "never ready; log:\n{}", p.log());
+    assert_eq!(p.get("/healthz").map(|r| r.0), Some(200), "/healthz 200 while the model thread runs");
+    std::fs::write(&trigger, b"").unwrap();
+    t.produce(0, 3);
+    // The next batch ends the model thread: liveness must say so, or the process stop.
+    let mut last = None;
+    let dead = wait_until(Duration::from_secs(120), || {
+        last = p.get("/healthz");
+        last.as_ref().is_some_and(|r| r.0 == 503) || p.child.try_wait().ok().flatten().is_some()
+    });
+    assert!(dead, "/healthz still {last:?} 120 s after the model thread's exit; log:\n{}", p.log());
+    if let Some((code, body)) = &last {
+        assert_eq!(*code, 503, "/healthz once the model thread is gone");
+        assert!(body.contains("model thread"), "/healthz says why: {body}");
+    }
+    // Records that need the model now: the process must stop, non-zero, naming the model thread.
+    t.produce(3, 2);
+    let status = p.wait_exit(Duration::from_secs(120)).unwrap_or_else(|| panic!("still running 120 s after its model thread died; log:\n{}", p.log()));
+    let log = p.log();
+    assert!(!status.success(), "a dead model thread exits non-zero ({status}); log:\n{log}");
+    assert!(log.contains("model thread"), "the exit names the model thread; log:\n{log}");
+}
 
 /// A TCP front for the schema registry: forwards while up; while failing, cuts every forwarded
 /// connection and answers each request 503.
@@ -151,4 +186,50 @@ fn a_drain_overrunning_drain_timeout_stops_at_the_timeout_and_the_rest_is_redeli
     got.sort();
     got.dedup();
     assert_eq!(got, ids, "every item tagged after the redelivery");
+}
+
+/// A minimal HTTP/1.0 POST of a JSON body: the status code.
+fn http_post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_api_healthz_fails_when_its_model_thread_dies() {
+    streamoasis_testkit::require_stack!();
+    let t = topology("api-model-dead");
+    // The API reads from the database too: topics, schemas and the keyspace.
+    let out = t.cmd().args(["topology", "apply"]).output().unwrap();
+    assert!(out.status.success(), "topology apply: {}", String::from_utf8_lossy(&out.stderr));
+    let (http, grpc) = (free_addr(), free_addr());
+    let log = t.dir.join("api.log");
+    let trigger = t.dir.join("model-exit");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = t
+        .cmd()
+        .args(["api", "--addr", &http.to_string(), "--grpc-addr", &grpc.to_string(), "--insecure-no-auth"])
+        .env(MODEL_EXIT_HOOK, &trigger)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let p = Proc { child, log, metrics: http };
+    assert!(wait_until(Duration::from_secs(180), || p.get("/readyz").map(|r| r.0) == Some(200)), "/readyz never 200; log:\n{}", p.log());
+    assert_eq!(http_post_json(http, "/v1/tag", r#"{"title": "The cup final went to penalties"}"#), Some(200), "tags while the model thread runs; log:\n{}", p.log());
+    assert_eq!(p.get("/healthz").map(|r| r.0), Some(200), "/healthz 200 while the model thread runs");
+    std::fs::write(&trigger, b"").unwrap();
+    // The next request's batch ends the model thread: it cannot be answered with tags.
+    assert_ne!(http_post_json(http, "/v1/tag", r#"{"title": "Parliament passed the budget"}"#), Some(200), "no tags without a model; log:\n{}", p.log());
+    let mut last = None;
+    let failed = wait_until(Duration::from_secs(60), || {
+        last = p.get("/healthz");
+        last.as_ref().is_some_and(|r| r.0 == 503)
+    });
+    assert!(failed, "the API's /healthz still {last:?} 60 s after its model thread exited; log:\n{}", p.log());
+    assert!(last.unwrap().1.contains("model thread"), "/healthz says why");
+    assert_ne!(p.get("/readyz").map(|r| r.0), Some(200), "not ready without a model");
 }

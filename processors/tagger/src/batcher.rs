@@ -224,6 +224,11 @@ impl std::fmt::Debug for Batcher {
     }
 }
 
+/// Fault injection for tests: with this set to a path, the model thread ends at its next batch
+/// once a file exists there, as it would on a crash in libtorch. Read once at start; unset, nothing
+/// is checked.
+pub const MODEL_EXIT_HOOK: &str = "STREAMOASIS_TEST_MODEL_EXIT_FILE";
+
 impl Batcher {
     /// Start the batching task (on the current tokio runtime) and the model thread.
     pub fn spawn<B: Backend>(mut backend: B, cfg: BatcherConfig) -> Batcher {
@@ -242,7 +247,12 @@ impl Batcher {
                 }
                 let _dead = Dead(flag);
                 backend.on_start();
+                let exit_file = std::env::var_os(MODEL_EXIT_HOOK).map(std::path::PathBuf::from);
                 while let Some(job) = job_rx.blocking_recv() {
+                    if exit_file.as_ref().is_some_and(|f| f.exists()) {
+                        tracing::error!(hook = MODEL_EXIT_HOOK, "model thread exiting (fault injection)");
+                        break;
+                    }
                     let started = std::time::Instant::now();
                     let results = run_isolating(&mut backend, &job.batch, &job.seqs);
                     batch_metrics().inference.observe(started.elapsed().as_secs_f64());
