@@ -103,8 +103,8 @@ pub struct ApiState {
     pub tagger: Arc<Tagger>,
     /// The read path; `None` answers 503 on the read routes.
     pub reader: Option<Arc<Reader>>,
-    /// The ingest producer; `None` answers 503 on `POST /v1/media`.
-    pub ingest: Option<Ingest>,
+    /// The ingest producer (`POST /v1/media`).
+    pub ingest: Ingest,
     /// Token verification.
     pub auth: Auth,
     /// Request limits.
@@ -189,7 +189,7 @@ pub async fn state(conn: &Connections, topo: &Topology, tagger: Arc<Tagger>, aut
     };
     let alive = tagger.clone();
     let health = health(move || alive.is_alive());
-    Ok(ApiState { tagger, reader, ingest: Some(ingest), auth, limits, health })
+    Ok(ApiState { tagger, reader, ingest, auth, limits, health })
 }
 
 /// The two listeners (bind with port 0 in tests and read `local_addr`).

@@ -175,7 +175,7 @@ async fn by_tag(State(st): State<Arc<ApiState>>, Path(tag): Path<String>, q: Res
     security(("bearer_jwt" = [])))]
 async fn post_media(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let body = parse_media(&read_body(body)?)?;
-    let ingest = st.ingest.as_ref().ok_or_else(|| ApiError::not_configured("the ingest producer"))?;
+    let ingest = &st.ingest;
     let events = match body {
         MediaBody::Batch(b) => validate::media_items(b.items, &st.tagger, &st.limits)?,
         MediaBody::One(item) => vec![validate::media_item(item, &st.tagger, &st.limits)?],

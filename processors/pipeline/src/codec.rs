@@ -170,11 +170,6 @@ impl Codec {
         })
     }
 
-    /// The registry base URL (without credentials).
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// Decode a framed record into `E`, resolving the writer schema against `E`'s schema.
     pub async fn decode<E: Event>(&self, payload: Option<&[u8]>) -> Result<Decoded<E>, CodecError> {
         let poison = |kind, message: String, schema_id| CodecError::Poison { kind, message, schema_id };

@@ -206,6 +206,21 @@ impl Event for MediaTagged {
     }
 }
 
+/// The output type of a processor without an output topic (the sink): it has no values, so
+/// such a processor cannot return an event by mistake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NoOutput {}
+
+impl Event for NoOutput {
+    const AVSC: &'static str = "\"null\"";
+    fn key(&self) -> &str {
+        match *self {}
+    }
+    fn schema() -> &'static Schema {
+        event_schema!(Self::AVSC)
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

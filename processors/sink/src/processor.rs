@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use streamoasis_pipeline::error::{limits, ErrorKind};
-use streamoasis_pipeline::events::MediaTagged;
+use streamoasis_pipeline::events::{MediaTagged, NoOutput};
 use streamoasis_pipeline::processor::{ProcessError, Processor, RecordMeta};
 use streamoasis_pipeline::topology::Topology;
 
@@ -29,14 +29,14 @@ impl SinkProcessor {
 
 impl Processor for SinkProcessor {
     type Input = MediaTagged;
-    // The trait asks for an output type; the sink has no output topic and returns no events.
-    type Output = MediaTagged;
+    // No output topic: the sink returns no events.
+    type Output = NoOutput;
 
     fn name(&self) -> &'static str {
         "sink"
     }
 
-    async fn process(&self, e: MediaTagged, _meta: RecordMeta) -> Result<Vec<MediaTagged>, ProcessError> {
+    async fn process(&self, e: MediaTagged, _meta: RecordMeta) -> Result<Vec<NoOutput>, ProcessError> {
         if e.media_id.trim().is_empty() {
             return Err(ProcessError::poison(ErrorKind::InvalidField, "media_id is empty"));
         }

@@ -69,16 +69,44 @@ pub enum LoadError {
     /// A file is missing or unreadable.
     #[error("{path}: {message} (run scripts/setup to export the model)")]
     Missing { path: PathBuf, message: String },
-    /// libtorch refused the module or device.
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("{path}: invalid manifest (run scripts/setup to export the model again)")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The tokenizer file cannot be read or used.
+    #[error("{path}: tokenizer")]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    /// The tagging configuration asks for something the model or machine cannot give.
     #[error("{0}")]
-    Torch(String),
+    Config(String),
+    /// libtorch refused the module.
+    #[error("{path}: libtorch could not load it")]
+    Torch {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+    /// The model loaded but failed on the taxonomy's or calibration's label prompts.
+    #[error("embedding {what}")]
+    Embedding {
+        what: &'static str,
+        #[source]
+        source: crate::batcher::BatchError,
+    },
 }
 
 /// Read a model folder's manifest.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, LoadError> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Missing { path: path.clone(), message: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| LoadError::Missing { path, message: format!("invalid manifest: {e}") })
+    serde_json::from_str(&text).map_err(|source| LoadError::Manifest { path, source })
 }
 
 /// Turns text into model sequences: windows of one text, or a (premise, hypothesis) pair.
@@ -96,9 +124,12 @@ impl TextEncoder {
     /// and window long text ourselves).
     pub fn load(dir: &Path, max_tokens: usize) -> Result<Self, LoadError> {
         let path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| LoadError::Missing { path: path.clone(), message: e.to_string() })?;
+        if !path.exists() {
+            return Err(LoadError::Missing { path, message: "not found".into() });
+        }
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|source| LoadError::Tokenizer { path: path.clone(), source })?;
         tokenizer.with_padding(None);
-        tokenizer.with_truncation(None).map_err(|e| LoadError::Torch(e.to_string()))?;
+        tokenizer.with_truncation(None).map_err(|source| LoadError::Tokenizer { path: path.clone(), source })?;
         let id = |t: &str| tokenizer.token_to_id(t).map(i64::from).ok_or_else(|| LoadError::Missing { path: path.clone(), message: format!("no {t} token") });
         // The opening and closing specials are what the tokenizer's own post-processor puts
         // around a text ([CLS]/[SEP] for BERT, <s>/</s> for MPNet and RoBERTa-style models);
@@ -213,11 +244,11 @@ pub fn parse_device(s: &str) -> Result<Device, LoadError> {
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => {
                 if !tch::Cuda::is_available() {
-                    return Err(LoadError::Torch(format!("tagging.model.device is '{s}' but libtorch sees no CUDA device; use cpu")));
+                    return Err(LoadError::Config(format!("tagging.model.device is '{s}' but libtorch sees no CUDA device; use cpu")));
                 }
                 Ok(Device::Cuda(n))
             }
-            None => Err(LoadError::Torch(format!("tagging.model.device: '{s}' is not cpu or cuda:N"))),
+            None => Err(LoadError::Config(format!("tagging.model.device: '{s}' is not cpu or cuda:N"))),
         },
     }
 }
@@ -251,7 +282,7 @@ impl TorchBackend {
         if !path.exists() {
             return Err(LoadError::Missing { path, message: "not found".into() });
         }
-        let mut module = CModule::load_on_device(&path, device).map_err(|e| LoadError::Torch(format!("{}: {e}", path.display())))?;
+        let mut module = CModule::load_on_device(&path, device).map_err(|source| LoadError::Torch { path: path.clone(), source })?;
         module.set_eval();
         Ok(TorchBackend { module, device, with_types, threads })
     }

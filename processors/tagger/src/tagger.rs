@@ -203,10 +203,9 @@ impl Tagger {
         let (scorer, manifest) = match (&cfg.strategy, &cfg.nli) {
             (StrategyKind::Nli, Some(n)) => {
                 let m = read_manifest(&n.model)?;
-                let entailment = m
-                    .entailment_index
-                    .or_else(|| m.labels.iter().position(|l| l.to_lowercase().starts_with("entail")))
-                    .ok_or_else(|| LoadError::Torch(format!("{}: manifest names no entailment label", n.model.display())))?;
+                let entailment = m.entailment_index.or_else(|| m.labels.iter().position(|l| l.to_lowercase().starts_with("entail"))).ok_or_else(|| {
+                    LoadError::Config(format!("{}: the manifest names no entailment label (an NLI model's labels must include one starting with 'entail')", n.model.display()))
+                })?;
                 // The transformers pipeline's choice: contradiction is the first logit, or the
                 // last when entailment is the first.
                 let contradiction = if entailment == 0 { m.labels.len().max(1) - 1 } else { 0 };
@@ -222,7 +221,7 @@ impl Tagger {
                 };
                 (Scorer::Nli(nli), m)
             }
-            (StrategyKind::Nli, None) => return Err(LoadError::Torch("tagging.strategy is nli but tagging.nli is missing".into())),
+            (StrategyKind::Nli, None) => return Err(LoadError::Config("tagging.strategy is nli but tagging.nli is missing: add tagging.nli.model".into())),
             (StrategyKind::Embedding, _) => {
                 let manifest = read_manifest(&cfg.model.path)?;
                 let max_tokens = if cfg.text.max_tokens == 0 { manifest.max_seq_len } else { cfg.text.max_tokens.min(manifest.max_seq_len) };
@@ -246,9 +245,9 @@ impl Tagger {
             fitted: HashMap::new(),
         };
         let labels = tagger.cfg.labels.clone();
-        let taxonomy = tagger.embed_taxonomy(&labels).await.map_err(|e| LoadError::Torch(format!("embedding the taxonomy: {e}")))?;
+        let taxonomy = tagger.embed_taxonomy(&labels).await.map_err(|source| LoadError::Embedding { what: "the taxonomy", source })?;
         tagger.taxonomy = std::sync::RwLock::new(Arc::new(taxonomy));
-        tagger.fitted = tagger.embed_fitted().await.map_err(|e| LoadError::Torch(format!("embedding the calibrations' labels: {e}")))?;
+        tagger.fitted = tagger.embed_fitted().await.map_err(|source| LoadError::Embedding { what: "the calibrations' labels", source })?;
         Ok(tagger)
     }
 
@@ -390,12 +389,6 @@ impl Tagger {
         Ok((!rows.is_empty()).then(|| crate::scoring::pool(&rows, labels, self.cfg.text.pooling)))
     }
 
-    /// The prompts of one label: each template, once per description where it has
-    /// `{description}` (the label's name standing in when it has none).
-    pub fn label_prompts(&self, name: &str, descriptions: &[String]) -> Vec<String> {
-        label_prompts_with(&self.cfg.embedding.templates, name, descriptions)
-    }
-
     async fn embed_labels(&self, templates: &[String], names: &[String], descriptions: &[Vec<String>]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
         let per_label: Vec<Vec<String>> = names.iter().zip(descriptions).map(|(n, d)| label_prompts_with(templates, n, d)).collect();
         let flat: Vec<String> = per_label.iter().flatten().cloned().collect();
@@ -443,7 +436,8 @@ impl Tagger {
     }
 }
 
-/// The prompts of one label for a template set (see [`Tagger::label_prompts`]).
+/// The prompts of one label for a template set: each template, once per description where it has
+/// `{description}` (the label's name standing in when it has none).
 pub fn label_prompts_with(templates: &[String], name: &str, descriptions: &[String]) -> Vec<String> {
     {
         let fallback = [name.to_string()];

@@ -151,8 +151,17 @@ async fn start<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: Ar
     consumer.subscribe(&[spec.input.as_str()])?;
     let consumer = Arc::new(consumer);
     let max_output_bytes = cfg.client.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
-    let shared =
-        Arc::new(Shared { name, spec: spec.clone(), codec, processor, producer: producer.clone(), stop: CancellationToken::new(), max_output_bytes, health: cfg.health.clone(), dlq_solo: Default::default() });
+    let shared = Arc::new(Shared {
+        name,
+        spec: spec.clone(),
+        codec,
+        processor,
+        producer: producer.clone(),
+        stop: CancellationToken::new(),
+        max_output_bytes,
+        health: cfg.health.clone(),
+        dlq_solo: Default::default(),
+    });
     info!(processor = name, input = %spec.input, group = %spec.group, delivery = ?spec.delivery, "started");
     let parts = Parts { name, spec: spec.clone(), consumer: consumer.clone(), events, shared, health: cfg.health.clone() };
     match spec.delivery {
