@@ -234,10 +234,11 @@ _build_keda() {
   _finish "$KEDA_DIR" "$t0"
 }
 
-build_cluster() { # build_cluster [--no-keda]
+build_cluster() { # build_cluster [--no-keda|--core]: --core is what `scripts/cluster up --core` runs
+  case "${1:-}" in ""|--no-keda|--core) ;; *) die "unknown option $1 (build [--no-keda|--core])" ;; esac
   build_cni
   build_containerd
   build_kube
-  build_metrics_server
-  [ "${1:-}" = --no-keda ] || build_keda
+  [ "${1:-}" = --core ] || build_metrics_server
+  [ "${1:-}" = --core ] || [ "${1:-}" = --no-keda ] || build_keda
 }
