@@ -280,13 +280,21 @@ impl<P: Processor, K: Commit> Runner<P, K> {
                 self.progress.forget(&parts);
             }
             RebalanceEvent::Assigned(parts) => {
-                if self.backpressure.paused() && !parts.is_empty() {
+                // Set the new partitions' pause state explicitly, both ways. librdkafka keeps an
+                // application's pause on a partition across its revoke and a later assign: a
+                // partition paused for backpressure, revoked (a session timeout while the broker
+                // was away), its in-flight records abandoned (the resume then went to an empty
+                // assignment) and assigned again stayed paused for good, and the processor read
+                // nothing until its stall watchdog stopped it.
+                if !parts.is_empty() {
                     let mut tpl = TopicPartitionList::new();
                     for p in &parts {
                         tpl.add_partition(&self.spec.input, *p);
                     }
-                    if let Err(e) = self.consumer.pause(&tpl) {
-                        warn!(processor = self.name, error = %e, "pausing newly assigned partitions");
+                    let pause = self.backpressure.paused();
+                    let r = if pause { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+                    if let Err(e) = r {
+                        warn!(processor = self.name, error = %e, pause, "setting the pause state of newly assigned partitions");
                     }
                 }
                 // Assigned partitions, or an idle member of the group: either way, consuming.
