@@ -9,43 +9,20 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::proc::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Offset, TopicPartitionList};
 use streamoasis_pipeline::codec::Codec;
 use streamoasis_pipeline::events::MediaTagged;
-use streamoasis_pipeline::kafka::client_config;
 
 /// A record read back: partition, offset, key, payload, headers.
 type Rec = (i32, i64, String, Option<Vec<u8>>, Vec<(String, String)>);
 
 /// Every record of `topic`, from the beginning to its end.
 fn records(topic: &str) -> Vec<Rec> {
-    let mut cc = client_config(&kafka(), &BTreeMap::new());
-    cc.set("group.id", format!("operator-reader-{}", uuid::Uuid::new_v4().simple())).set("enable.auto.commit", "false").set("enable.partition.eof", "true");
-    let c: BaseConsumer = cc.create().unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
-    }
-    let mut left = tpl.count();
-    c.assign(&tpl).unwrap();
-    let (mut out, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(30));
-    while left > 0 && Instant::now() < deadline {
-        match c.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let h = m.headers().map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect()).unwrap_or_default();
-                out.push((m.partition(), m.offset(), String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(), m.payload().map(<[u8]>::to_vec), h));
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => left -= 1,
-            _ => {}
-        }
-    }
-    assert_eq!(left, 0, "{topic} read to its end within 30 s");
-    out
+    common::read_topic(&kafka(), topic)
+        .into_iter()
+        .map(|r| (r.partition, r.offset, String::from_utf8_lossy(&r.key.unwrap_or_default()).into_owned(), r.payload, r.headers))
+        .collect()
 }
 
 /// `streamoasis <args>` on the topology, to completion.

@@ -12,11 +12,7 @@ use std::time::{Duration, Instant};
 use common::{cql, env};
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Offset, TopicPartitionList};
 use streamoasis_pipeline::events::{now_millis, Lineage, MediaKind, MediaTagged, ModelRef, Strategy, Tag};
 use streamoasis_pipeline::kafka::{client_config, producer};
 use streamoasis_sink::SinkConfig;
@@ -44,29 +40,7 @@ type Letter = (Option<Vec<u8>>, Option<Vec<u8>>, HashMap<String, String>);
 
 /// Every record of `topic` from the beginning to its end.
 fn read_all(kafka: &str, topic: &str) -> Vec<Letter> {
-    let mut cc = client_config(kafka, &BTreeMap::new());
-    cc.set("group.id", format!("sink-dlq-reader-{}", uuid::Uuid::new_v4().simple())).set("enable.auto.commit", "false").set("enable.partition.eof", "true");
-    let c: BaseConsumer = cc.create().unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
-    }
-    let mut left = tpl.count();
-    c.assign(&tpl).unwrap();
-    let (mut out, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(30));
-    while left > 0 && Instant::now() < deadline {
-        match c.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let h = m.headers().map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect()).unwrap_or_default();
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), h));
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => left -= 1,
-            _ => {}
-        }
-    }
-    assert_eq!(left, 0, "{topic} read to its end within 30 s");
-    out
+    common::read_topic(kafka, topic).into_iter().map(|r| (r.key, r.payload, r.headers.into_iter().collect())).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

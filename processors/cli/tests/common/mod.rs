@@ -164,3 +164,46 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     child.wait().unwrap()
 }
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Every record of `topic`, from the beginning to its end as it is now (30 s at most), read by
+/// a consumer of its own that commits nothing.
+pub fn read_topic(kafka: &str, topic: &str) -> Vec<Record> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Headers;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut cc = client_config(kafka, &BTreeMap::new());
+    cc.set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4().simple())).set("enable.auto.commit", "false").set("enable.partition.eof", "true");
+    let c: BaseConsumer = cc.create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+    }
+    let mut left = tpl.count();
+    c.assign(&tpl).unwrap();
+    let (mut out, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(30));
+    while left > 0 && Instant::now() < deadline {
+        match c.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let headers =
+                    m.headers().map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect()).unwrap_or_default();
+                out.push(Record { partition: m.partition(), offset: m.offset(), key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec), headers });
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => left -= 1,
+            _ => {}
+        }
+    }
+    assert_eq!(left, 0, "{topic}: not read to its end within 30 s");
+    out
+}
