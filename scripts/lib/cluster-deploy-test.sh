@@ -234,6 +234,12 @@ phase "image: stage the CPU tree, podman build, import into the cluster's contai
   -t "$IMAGE_REPO:deploy-test" "$work/ctx" >"$work/build.log" 2>&1 \
   || { tail -n 40 "$work/build.log" >&2; die "podman build failed (log above)"; }
 rm -rf "$work/ctx"
+# The image's own USER (kubelet runs the chart's pods as the pod's runAsUser; a plain `podman run`
+# or an orchestrator without one uses the image's): it must be the unprivileged 10001.
+img_uid=$("${PODMAN[@]}" run --rm --network none --entrypoint id "$IMAGE_REPO:deploy-test" -u 2>&1) \
+  || die "running the image without --user failed: $img_uid"
+[ "$img_uid" = 10001 ] || die "the image runs as uid $img_uid without --user; deploy/docker/Dockerfile must end with USER 10001:10001"
+figure "image USER: uid $img_uid when run without --user (not root)"
 image_id=$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$IMAGE_REPO:deploy-test" | cut -c1-12)
 IMAGE_TAG="dt-$image_id"
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE_REPO:deploy-test")
