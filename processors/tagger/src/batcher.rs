@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
@@ -229,6 +229,25 @@ impl std::fmt::Debug for Batcher {
 /// is checked.
 pub const MODEL_EXIT_HOOK: &str = "STREAMOASIS_TEST_MODEL_EXIT_FILE";
 
+/// Model threads inside a batch now (process-wide), and whether the process is stopping.
+static BUSY: AtomicUsize = AtomicUsize::new(0);
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Before the process exits: model threads take no new batch, and this waits (up to `timeout`)
+/// until none is inside one, so libtorch's static destructors never run under a forward pass.
+/// True when no model thread is busy. Afterwards no batcher in the process runs again.
+pub async fn quiesce(timeout: Duration) -> bool {
+    STOPPING.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + timeout;
+    while BUSY.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
 impl Batcher {
     /// Start the batching task (on the current tokio runtime) and the model thread.
     pub fn spawn<B: Backend>(mut backend: B, cfg: BatcherConfig) -> Batcher {
@@ -253,8 +272,16 @@ impl Batcher {
                         tracing::error!(hook = MODEL_EXIT_HOOK, "model thread exiting (fault injection)");
                         break;
                     }
+                    // Busy first, then the stop check (see `quiesce`): either it sees this batch
+                    // or this thread sees the stop.
+                    BUSY.fetch_add(1, Ordering::SeqCst);
+                    if STOPPING.load(Ordering::SeqCst) {
+                        BUSY.fetch_sub(1, Ordering::SeqCst);
+                        break;
+                    }
                     let started = std::time::Instant::now();
                     let results = run_isolating(&mut backend, &job.batch, &job.seqs);
+                    BUSY.fetch_sub(1, Ordering::SeqCst);
                     batch_metrics().inference.observe(started.elapsed().as_secs_f64());
                     for (reply, r) in job.replies.into_iter().zip(results) {
                         let _ = reply.send(r);

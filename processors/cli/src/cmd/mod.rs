@@ -40,7 +40,18 @@ mod topology;
 /// Dispatch a parsed command line; `shutdown` is cancelled on SIGTERM / Ctrl-C.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let c = &cli.common;
-    match cli.command {
+    let r = command(c, cli.command, shutdown).await;
+    // No model thread may be inside libtorch when the process exits and its static destructors
+    // run (a drain timeout abandons records whose batch may still be in the model): a crash
+    // (SIGSEGV) at exit instead of a clean stop.
+    if !streamoasis_tagger::batcher::quiesce(std::time::Duration::from_secs(10)).await {
+        tracing::warn!("a model thread was still running a batch 10 s after the stop; exiting anyway");
+    }
+    r
+}
+
+async fn command(c: &Common, command: Command, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match command {
         Command::Tagger(a) => serve::tagger(c, a, shutdown).await,
         Command::Sink(a) => serve::sink(c, a, shutdown).await,
         Command::Topology { action: TopologyAction::Apply { no_db } } => topology::apply(c, no_db).await,
