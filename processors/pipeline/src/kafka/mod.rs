@@ -164,9 +164,29 @@ async fn start<P: Processor>(cfg: RunnerConfig, codec: Arc<Codec>, processor: Ar
     });
     info!(processor = name, input = %spec.input, group = %spec.group, delivery = ?spec.delivery, "started");
     let parts = Parts { name, spec: spec.clone(), consumer: consumer.clone(), events, shared, health: cfg.health.clone() };
-    match spec.delivery {
+    let last = consumer.clone();
+    let result = match spec.delivery {
         Delivery::AtLeastOnce => parts.runner(AtLeastOnce::new(consumer, spec.drain_timeout)).run(shutdown).await,
         Delivery::ExactlyOnce => parts.runner(ExactlyOnce::new(consumer, producer, spec.input.clone(), spec.commit_interval)).run(shutdown).await,
+    };
+    close_within(name, last, CONSUMER_CLOSE_TIMEOUT).await;
+    result
+}
+
+/// How long the consumer's close (leave the group, final commit) may take at the end of a run.
+const CONSUMER_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Drop the last reference to the consumer (librdkafka's close) on a thread of its own, waiting at
+/// most `limit`: with the broker gone the close can block for minutes, and a processor that has
+/// decided to stop (a fatal consumer error, most of all) must stop.
+async fn close_within(name: &'static str, consumer: Arc<StreamConsumer<Ctx>>, limit: std::time::Duration) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("streamoasis-consumer-close".into()).spawn(move || {
+        drop(consumer);
+        let _ = tx.send(());
+    });
+    if spawned.is_ok() && tokio::time::timeout(limit, rx).await.is_err() {
+        warn!(processor = name, limit_s = limit.as_secs(), "the Kafka consumer did not close in time (broker unreachable?): stopping without it");
     }
 }
 
