@@ -7,6 +7,11 @@
 #                                  helm rollback; KEDA lag scaling 1 -> P -> 1 (replica count over time
 #                                  written to benches/results/); the CPU HPA on metrics-server;
 #                                  kubectl drain against the PodDisruptionBudget; exactly-once pod kill
+#   scripts/deploy-test --secure   against the secured stack (scripts/stack up --secure): the chart's
+#                                  Secret wiring (SCRAM user per processor, the CAs, CQL roles, the
+#                                  registry's basic auth) installed with deploy/cluster/values-local-secure.yaml,
+#                                  N items end to end, no password in any object of the release,
+#                                  helm test, uninstall
 #
 # Steps:
 #   1. tools (cached): podman, buildah, debootstrap (apt), helm (go install), a local Debian base
@@ -41,12 +46,18 @@ set -euo pipefail
 . "$SO_ROOT/scripts/lib/cluster-build.sh"
 
 FULL=0
+SECURE=0
 for a in "$@"; do
   case $a in
     --full) FULL=1 ;;
-    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    --secure) SECURE=1 ;;
+    *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
+[ "$FULL" = 1 ] && [ "$SECURE" = 1 ] && die "--full and --secure are separate runs: run scripts/deploy-test --full, then scripts/deploy-test --secure"
+MODE_NAME=""
+[ "$FULL" = 1 ] && MODE_NAME=" --full"
+[ "$SECURE" = 1 ] && MODE_NAME=" --secure"
 
 HELM_VERSION="v3.22.0"
 HELM_BIN="$SO_CACHE/bin/helm"
@@ -55,6 +66,7 @@ BASE_TAR="$SO_CACHE/images/debian-bookworm-minbase-1.tar"
 IMAGE_REPO="localhost/streamoasis"
 CHART="$SO_ROOT/deploy/helm/streamoasis"
 LOCAL_VALUES="$SO_ROOT/deploy/cluster/values-local.yaml"
+SECURE_VALUES="$SO_ROOT/deploy/cluster/values-local-secure.yaml"
 ITEMS="${DEPLOY_TEST_ITEMS:-200}"
 KILL_ITEMS="${DEPLOY_TEST_KILL_ITEMS:-600}"
 KILL_RATE="${DEPLOY_TEST_KILL_RATE:-40}"
@@ -121,9 +133,9 @@ cleanup() {
     printf '%s\n' "--- deploy-test figures ---" "${FIGURES[@]}"
   fi
   if [ "$rc" = 0 ]; then
-    printf '\033[1;32mdeploy-test%s: PASS\033[0m (%ss)\n' "$([ $FULL = 1 ] && echo ' --full')" "$(( SECONDS - t_start ))"
+    printf '\033[1;32mdeploy-test%s: PASS\033[0m (%ss)\n' "$MODE_NAME" "$(( SECONDS - t_start ))"
   else
-    printf '\033[1;31mdeploy-test%s: FAIL\033[0m (%ss)\n' "$([ $FULL = 1 ] && echo ' --full')" "$(( SECONDS - t_start ))"
+    printf '\033[1;31mdeploy-test%s: FAIL\033[0m (%ss)\n' "$MODE_NAME" "$(( SECONDS - t_start ))"
   fi
   exit "$rc"
 }
@@ -212,11 +224,15 @@ fi
 k get --raw /readyz >/dev/null || die "the cluster's API server does not answer (scripts/cluster status)"
 
 # --- stack and binary -----------------------------------------------------------------------------
+want_mode=plain; up_flag=()
+[ "$SECURE" = 1 ] && { want_mode=secure; up_flag=(--secure); }
 if ! "$SO_ROOT/scripts/stack" status >/dev/null 2>&1; then
   started_stack=1
-  "$SO_ROOT/scripts/stack" up
+  "$SO_ROOT/scripts/stack" up "${up_flag[@]}"
 fi
 load_stack_env
+[ "${STREAMOASIS_STACK_MODE:-plain}" = "$want_mode" ] \
+  || die "the running stack is ${STREAMOASIS_STACK_MODE:-plain}, this run needs it $want_mode: scripts/stack down, then run scripts/deploy-test$MODE_NAME again (it starts the stack it needs)"
 BIN="$SO_ROOT/target/release/streamoasis"
 if [ "${DEPLOY_TEST_PREBUILT:-0}" = 1 ] && [ -x "$BIN" ]; then
   log "DEPLOY_TEST_PREBUILT=1: using $BIN as it is (no cargo build)"
@@ -258,11 +274,14 @@ log "image $IMAGE_REPO:$IMAGE_TAG: $(( size / 1000000 )) MB, in containerd"
 # A topology of our own: random topic, group, subject and keyspace names, so the checks count only
 # what this run produced. topo FILE [delivery] [labels-suffix] writes a variant.
 topo() {
-  "$SO_PY" - "$SO_ROOT/topology.yaml" "$1" "$RUN_ID" "${2:-at_least_once}" "${3:-}" <<'PY'
+  "$SO_PY" - "$SO_ROOT/topology.yaml" "$1" "$RUN_ID" "${2:-at_least_once}" "${3:-}" "$SECURE" <<'PY'
 import sys, yaml
-src, dst, rid, delivery, suffix = sys.argv[1:6]
+src, dst, rid, delivery, suffix, secure = sys.argv[1:7]
 t = yaml.safe_load(open(src))
 names = {x["name"]: f'{x["name"]}.{rid}' for x in t["topics"]}
+if secure == "1":  # the secured stack's ACLs grant the processors these prefixes (deploy/local/secure/kafka.acls)
+    names = {"media.ingested": f"secure-in.{rid}", "media.tagged": f"secure-out.{rid}",
+             "media.ingested.dlq": f"secure-in-dlq.{rid}", "media.tagged.dlq": f"secure-out-dlq.{rid}"}
 for x in t["topics"]:
     x["name"] = names[x["name"]]
 for s in t["schemas"]:
@@ -273,6 +292,9 @@ for p in t["processors"].values():
         if k in p:
             p[k] = names[p[k]]
     p["group"] = f'{p["group"]}-{rid}'
+if secure == "1":
+    for role in ("tagger", "sink"):
+        t["processors"][role]["group"] = f"secure-{role}.{rid}"
 t["processors"]["tagger"]["delivery"] = delivery
 t["scylla"]["keyspace"] = f"so_{rid}"
 if suffix:  # a new taxonomy: every label renamed
@@ -295,6 +317,12 @@ PARTITIONS=$(yq '[x["partitions"] for x in t["topics"] if x["name"] == t["proces
 read -r -a extra_helm_args <<<"${DEPLOY_TEST_HELM_ARGS:-}"
 HELM_VALUES=(-f "$LOCAL_VALUES" --set image.tag="$IMAGE_TAG"
   --set kafka.bootstrap="$KAFKA_BOOTSTRAP" --set schemaRegistry.url="$SCHEMA_REGISTRY_URL" --set scylla.uri="$SCYLLA_URI")
+if [ "$SECURE" = 1 ]; then
+  # shellcheck source=lib/cluster-deploy-secure.sh
+  . "$SO_ROOT/scripts/lib/cluster-deploy-secure.sh"
+  secure_prepare
+  HELM_VALUES+=(-f "$SECURE_VALUES")
+fi
 phase "helm install $REL into namespace $NS (run $RUN_ID)"
 t0=$SECONDS
 helm install "$REL" "$CHART" -n "$NS" --create-namespace "${HELM_VALUES[@]}" \
@@ -392,6 +420,8 @@ done
 dlqs_empty
 figure "end to end: $ITEMS produced, $ITEMS tagged events (distinct ids), $ITEMS rows, 0 dead letters, in $(( SECONDS - t0 ))s; image $(( size / 1000000 )) MB"
 
+[ "$SECURE" = 1 ] && secure_checks
+
 # --- 5. pod kill ----------------------------------------------------------------------------------
 # kill_test PREFIX N DUP_BOUND: N items produced at $KILL_RATE items/s (so they still flow during
 # the kill and the replacement's start); once 10% are tagged, the tagger pod is deleted with grace 0;
@@ -444,14 +474,18 @@ kill_test() {
   [ "$KILL_DUPS" -le "$bound" ] || fail "pod kill: $KILL_DUPS duplicates, above the bound $bound"
   figure "pod kill (tagger $victim, grace 0, $n items at $KILL_RATE/s, killed at $killed_at tagged): replacement $replacement Ready $(( t_ready ))s after the kill; $n/$n items tagged (0 lost) in $(( SECONDS - t0 ))s; $KILL_DUPS duplicates (bound $bound)"
 }
-phase "pod kill: $KILL_ITEMS items, the tagger pod deleted with --grace-period=0 while they flow"
-# At-least-once bound for one killed replica: its records in flight (max_in_flight) plus what it
-# completed within one auto-commit interval (1 s) at the peak rate measured here (<= 150 items/s).
-DUP_BOUND=$(( MAX_IN_FLIGHT + 150 ))
-kill_test "$RUN_ID-k" "$KILL_ITEMS" "$DUP_BOUND"
-wait_rows $(( ITEMS + KILL_ITEMS ))
-dlqs_empty
-log "pod kill: rows $(( ITEMS + KILL_ITEMS )), DLQs empty"
+if [ "$SECURE" = 1 ]; then
+  log "pod kill: not part of --secure (the same processors, security does not change it; the default run does it)"
+else
+  phase "pod kill: $KILL_ITEMS items, the tagger pod deleted with --grace-period=0 while they flow"
+  # At-least-once bound for one killed replica: its records in flight (max_in_flight) plus what it
+  # completed within one auto-commit interval (1 s) at the peak rate measured here (<= 150 items/s).
+  DUP_BOUND=$(( MAX_IN_FLIGHT + 150 ))
+  kill_test "$RUN_ID-k" "$KILL_ITEMS" "$DUP_BOUND"
+  wait_rows $(( ITEMS + KILL_ITEMS ))
+  dlqs_empty
+  log "pod kill: rows $(( ITEMS + KILL_ITEMS )), DLQs empty"
+fi
 
 # --- 6. helm test ---------------------------------------------------------------------------------
 phase "helm test (the chart's test hook)"
