@@ -77,6 +77,8 @@ def sweep_section(e, title="## End to end: offered-load sweep (title + descripti
                    f"{ms(w.get('tagger_read_to_produced'))} | {ms(w.get('kafka_hop_2'))} | {ms(w.get('db_write'))} | "
                    f"{ms(w.get('ingest_to_row'))} | {fmt(cpu.get('tagger'), 2)} / {fmt(cpu.get('sink'), 2)} |")
     out.append("")
+    out += accounting_table(steps)
+    out += cold_table(e.get("cold"))
     return out + plot(png)
 
 
@@ -233,6 +235,45 @@ def quality_section(q) -> list[str]:
             out.append(f"| {r['configuration']} | " + " | ".join(fmt(by[k]['items_per_s'], 2) if k in by else "–" for k in keys) + f" | {ratio} |")
         out.append("")
     return out
+
+
+def accounting_table(steps) -> list[str]:
+    """Tagger read → produced, per record, step by step (run loop stages, and the tagger's steps
+    inside `process`)."""
+    rows = [r for r in steps if r.get("accounting_ms")]
+    if not rows:
+        return []
+    ms = lambda x: "–" if x is None else f"{x:.1f}"
+    out = ["Tagger read → produced, step by step (ms per record: each step's histogram sum over the step's records; "
+           "`streamoasis_stage_seconds` of the run loop, and inside *process* the tagger's `streamoasis_tagger_step_seconds`: "
+           "*queue* = enqueued → batch closed, *slot* = closed → the model starts it, *model* = its batch's forward pass, "
+           "*reply* = forward done → the record's task runs again; *fetch* = record timestamp → read, not part of read → produced; "
+           "*unaccounted* = read → produced minus the run loop's stages; *accounted* = the measured steps, without process' own remainder, "
+           "over read → produced):", "",
+           "| load | fetch | key wait | decode | tokenize | queue | slot | model | reply | score | process, rest | encode | produce | unaccounted | read → produced | accounted |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a = r["accounting_ms"]
+        out.append(f"| {r['load']} | {ms(a.get('fetch'))} | {ms(a.get('key_wait'))} | {ms(a.get('decode'))} | {ms(a.get('process.tokenize'))} | "
+                   f"{ms(a.get('process.queue'))} | {ms(a.get('process.slot'))} | {ms(a.get('process.model'))} | {ms(a.get('process.reply'))} | "
+                   f"{ms(a.get('process.score'))} | {ms(a.get('process.other'))} | {ms(a.get('encode'))} | {ms(a.get('produce'))} | "
+                   f"{ms(a.get('unaccounted'))} | {ms(a.get('read_to_produced'))} | {fmt(a.get('accounted_pct'), 1, pct=True)} |")
+    return out + [""]
+
+
+def cold_table(cold) -> list[str]:
+    if not cold:
+        return []
+    out = ["Cold start (`--cold`): items at a fixed rate from the moment the tagger and sink processes start, then as long "
+           "again warm; latency to the tags topic per item. *ready* = the tagger's `/readyz` turned 200 after process start; "
+           "items sent before it wait in the topic.", "",
+           "| warm-up | rate | ready after | rows | items | p50 → tags | p99 | max |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    ms = lambda x: "–" if x is None else f"{x:.0f} ms"
+    for c in cold:
+        for row in c["rows"]:
+            out.append(f"| {'off' if c['warmup'] == '0s' else c['warmup']} | {c['rate_per_s']:.0f}/s | {fmt(c.get('ready_after_s'))} s | {row['rows']} | "
+                       f"{row['items']} | {ms(row['p50_ms'])} | {ms(row['p99_ms'])} | {ms(row['max_ms'])} |")
+    return out + [""]
 
 
 def main() -> None:
@@ -403,6 +444,10 @@ def main() -> None:
             ma, me = sum(alo) / len(alo), sum(eos) / len(eos)
             out += [f"| mean | {ma:.1f} | {me:.1f} ({me / ma:.2f}x) |", ""]
 
+    e = load("e2e-sweep-pinned.json")
+    if e:
+        pin = e.get("pinned", {})
+        out += sweep_section(e, f"### The same sweep pinned: the tagger on CPU {pin.get('tagger_cpu', 1)}, everything else on CPU {pin.get('services_cpu', 0)} (`--pin`)", "e2e-sweep-pinned")
     e = load("e2e-sweep-int8.json")
     if e:
         out += sweep_section(e, "### The same sweep with `precision: int8`", "e2e-sweep-int8")

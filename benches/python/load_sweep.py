@@ -100,10 +100,10 @@ def pct(xs, q):
     return xs[i]
 
 
-def histogram(proc, name, **labels):
-    """(buckets [(le, cumulative count)], sum, count) of a Prometheus histogram, summed over series."""
-    code, text = faults.get_code(proc.url("/metrics"))
-    if code != 200:
+def histogram(text, name, **labels):
+    """(buckets [(le, cumulative count)], sum, count) of a Prometheus histogram in a /metrics
+    text, summed over the series carrying `labels`."""
+    if text is None:
         return None
     buckets, total, count = {}, 0.0, 0.0
     for line in text.splitlines():
@@ -147,7 +147,14 @@ def h_quantile(d, q):
     return prev_le
 
 
+# The tagger's steps, per record: the run loop's stages (`streamoasis_stage_seconds`) and, inside
+# `process`, the tagger's own (`streamoasis_tagger_step_seconds`).
+LOOP_STAGES = ["key_wait", "decode", "process", "encode", "produce"]
+TAGGER_STEPS = ["tokenize", "queue", "slot", "model", "reply", "score"]
+
 HISTS = {
+    **{f"stage_{st}": ("tagger", "streamoasis_stage_seconds", {"processor": "tagger", "stage": st}) for st in ["fetch"] + LOOP_STAGES},
+    **{f"step_{st}": ("tagger", "streamoasis_tagger_step_seconds", {"step": st}) for st in TAGGER_STEPS},
     "batch_wait": ("tagger", "streamoasis_batch_queue_wait_seconds", {}),
     "model": ("tagger", "streamoasis_inference_seconds", {}),
     "batch_size": ("tagger", "streamoasis_batch_size", {}),
@@ -161,7 +168,38 @@ HISTS = {
 
 
 def snapshot(s):
-    return {k: histogram(s.procs[role], name, **labels) for k, (role, name, labels) in HISTS.items()}
+    texts = {}
+    for role, p in s.procs.items():
+        code, text = faults.get_code(p.url("/metrics"))
+        texts[role] = text if code == 200 else None
+    return {k: histogram(texts[role], name, **labels) for k, (role, name, labels) in HISTS.items()}
+
+
+def per_record(d, n):
+    """A step's time per tagger record (its sum over the records handled), in seconds."""
+    return d[1] / n if d and n else None
+
+
+def accounting(d):
+    """Where "tagger read -> produced" goes, per record (ms): the run loop's stages, the tagger's
+    steps inside `process`, and what no histogram covers."""
+    n = d["tagger_handle"][2] if d.get("tagger_handle") else 0
+    if not n:
+        return None
+    a = {"records": int(n), "read_to_produced": _ms(per_record(d["tagger_handle"], n)), "fetch": _ms(h_mean(d["stage_fetch"]))}
+    for st in LOOP_STAGES:
+        a[st] = _ms(per_record(d[f"stage_{st}"], n))
+    for st in TAGGER_STEPS:
+        a[f"process.{st}"] = _ms(per_record(d[f"step_{st}"], n))
+    if a["process"] is not None:
+        inside = sum(a[f"process.{st}"] or 0 for st in TAGGER_STEPS)
+        a["process.other"] = round(a["process"] - inside, 2)
+    loop = [a[st] for st in LOOP_STAGES if a[st] is not None]
+    if loop and a["read_to_produced"]:
+        a["unaccounted"] = round(a["read_to_produced"] - sum(loop), 2)
+        covered = sum(loop) - max(a.get("process.other") or 0, 0)
+        a["accounted_pct"] = round(100 * covered / a["read_to_produced"], 1)
+    return a
 
 
 def cpu_seconds(pid):
@@ -207,6 +245,8 @@ def step(s, name, texts, rate, wait_timeout):
             "ingest_to_row": _ms(h_mean(d["sink_e2e"])),
         },
         "cpu_cores": {r: round((cpu1[r] - cpu0[r]) / t_all, 2) for r in cpu0 if cpu0[r] is not None and cpu1[r] is not None},
+        "accounting_ms": accounting(d),
+        "load_avg": round(os.getloadavg()[0], 2),
     }
     w = r["where_ms"]
     if None not in (w["ingest_to_tagger_done"], w["tagger_read_to_produced"], w["ingest_to_row"], w["sink_read_to_written"]):
@@ -217,7 +257,7 @@ def step(s, name, texts, rate, wait_timeout):
 
 
 def _ms(x):
-    return round(x * 1000, 1) if x is not None else None
+    return round(x * 1000, 2) if x is not None else None
 
 
 def main():
@@ -230,14 +270,30 @@ def main():
     ap.add_argument("--delivery-rounds", type=int, default=0, help="only capacity bursts: at-least-once vs exactly-once, alternating, this many rounds (writes e2e-delivery.json)")
     ap.add_argument("--exactly-once", action="store_true", help="also measure the capacity burst with the tagger in exactly-once mode")
     ap.add_argument("--batch1", action="store_true", help="also run the lowest load with max_batch_size 1 (does batching cost latency at low load?)")
+    ap.add_argument("--pin", action="store_true", help="the tagger on CPU 1, everything else (Kafka, Cassandra, the registry, the sink, this load generator) on CPU 0; writes e2e-sweep-pinned.json")
+    ap.add_argument("--cold", type=float, default=0.0, help="also measure cold start: items at --cold-rate from the moment the processes start, for this many seconds (then as long again, warm); with and without the model warm-up")
+    ap.add_argument("--cold-rate", type=float, default=20.0, help="items/s of the cold-start rows")
+    ap.add_argument("--name", default="", help="results file name (default e2e-sweep, or e2e-sweep-pinned with --pin)")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
     args = ap.parse_args()
     if not faults.BIN.exists():
         raise SystemExit(f"{faults.BIN} not found: cargo build --release -p streamoasis")
+    pins = pin_everything(run_dir_for_pins()) if args.pin else None
     run_dir = ROOT / ".cache/sweep" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     db = faults.Db()
     results = {"machine": machine(), "seconds_per_step": args.seconds, "steps": [], "tagging": tagging_summary()}
+    if pins:
+        results["pinned"] = pins
+    name = args.name or ("e2e-sweep-pinned" if args.pin else "e2e-sweep")
+    try:
+        run_all(args, run_dir, db, results, name)
+    finally:
+        if pins:
+            unpin(pins)
+
+
+def run_all(args, run_dir, db, results, name):
     loads = [float(x) for x in args.loads.split(",") if x]
     if args.delivery_rounds:
         # Capacity bursts only, at-least-once and exactly-once alternating (A B A B ...), so
@@ -257,9 +313,14 @@ def main():
     if args.batch1:
         faults.log("batch-1 baseline at the lowest load")
         sweep(args, run_dir, db, "sweep-batch1", loads[:1], cap, 1, results)
+    if args.cold:
+        # Without the warm-up first, then with it (the default), each from a fresh process.
+        for budget in ("0s", None):
+            faults.log(f"cold start, warm-up {budget or 'default'}: {args.cold_rate}/s from process start")
+            results.setdefault("cold", []).append(cold(args, run_dir, db, budget))
     out = Path(args.out)
     results["load_at_end"] = os.getloadavg()[0]
-    (out / "e2e-sweep.json").write_text(json.dumps(results, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 
@@ -299,6 +360,97 @@ def sweep(args, run_dir, db, name, loads, cap, max_batch, results, delivery=None
     finally:
         s.close()
     return cap
+
+
+def cold(args, run_dir, db, warmup):
+    """Items at a fixed low rate from the moment the tagger and sink processes start (for
+    `--cold` seconds), then as long again at the same rate (warm), latency to the tags topic per
+    item. Items sent before the tagger is ready wait in the topic: they are reported apart."""
+    import threading
+    import yaml
+    name = "cold-nowarmup" if warmup == "0s" else "cold"
+    s = faults.Scenario(name, run_dir, db)
+    if warmup is not None:
+        t = yaml.safe_load(s.topo.read_text())
+        t["tagging"]["batching"]["warmup"] = warmup
+        s.topo.write_text(yaml.safe_dump(t, sort_keys=False))
+    n = max(1, int(args.cold_rate * args.cold))
+    texts = items_from(args.data, 2 * n)
+    out = {"warmup": warmup or "default", "rate_per_s": args.cold_rate, "seconds": args.cold}
+    ready_at = {}
+
+    def watch_ready():
+        while "tagger" not in ready_at and time.time() - t0 < 600:
+            if s.procs["tagger"].ready():
+                ready_at["tagger"] = time.time()
+            time.sleep(0.05)
+
+    try:
+        t0 = time.time()
+        s.start("tagger", "sink")
+        w = threading.Thread(target=watch_ready, daemon=True)
+        w.start()
+        sent, _ = send(s, "cold", texts[:n], args.cold_rate)
+        w.join(600)
+        warm_sent, _ = send(s, "warm", texts[n:], args.cold_rate)
+        tagged = tagged_times(s.tags, "cold", len(sent), 600)
+        tagged.update(tagged_times(s.tags, "warm", len(warm_sent), 600))
+        ready = ready_at.get("tagger")
+        out["ready_after_s"] = round(ready - t0, 2) if ready else None
+
+        def row(label, ids, src):
+            lat = [(tagged[k] - src[k]) / 1000 for k in ids if k in tagged]
+            return {"rows": label, "items": len(ids), "tagged": len(lat), "p50_ms": round(pct(lat, 50) * 1000) if lat else None,
+                    "p99_ms": round(pct(lat, 99) * 1000) if lat else None, "max_ms": round(max(lat) * 1000) if lat else None}
+        before = [k for k in sent if ready and sent[k] / 1000 < ready]
+        after = [k for k in sent if not ready or sent[k] / 1000 >= ready]
+        first10 = [k for k in after if ready and sent[k] / 1000 < ready + 10]
+        out["rows"] = [
+            row(f"first {args.cold:.0f} s from process start, all", list(sent), sent),
+            row("sent before the tagger was ready", before, sent),
+            row("sent after ready", after, sent),
+            row("first 10 s after ready", first10, sent),
+            row(f"next {args.cold:.0f} s (warm)", list(warm_sent), warm_sent),
+        ]
+        faults.log(json.dumps(out))
+    finally:
+        s.close()
+    return out
+
+
+def run_dir_for_pins():
+    return ROOT / ".cache/sweep"
+
+
+def pin_everything(_):
+    """Pin the stack's JVMs and this process to CPU 0, and make the processes started from now
+    on run through `taskset` (tagger on CPU 1, sink on CPU 0). Returns what to undo."""
+    import shutil
+    import subprocess
+    if not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
+        raise SystemExit("--pin needs taskset and at least 2 CPUs")
+    pids = []
+    for svc in ("kafka", "cassandra", "registry"):
+        pid = faults.service_pid(svc)
+        if pid:
+            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, stdout=subprocess.DEVNULL)
+            pids.append(pid)
+    os.sched_setaffinity(0, {0})
+    wrapper = ROOT / ".cache/sweep/pinned-streamoasis"
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(f'#!/bin/sh\ncase "$1" in tagger) cpu=1 ;; *) cpu=0 ;; esac\nexec taskset -c "$cpu" "{faults.BIN}" "$@"\n')
+    wrapper.chmod(0o755)
+    real = faults.BIN
+    faults.BIN = wrapper
+    return {"services_cpu": 0, "tagger_cpu": 1, "sink_cpu": 0, "load_generator_cpu": 0, "service_pids": pids, "bin": str(real)}
+
+
+def unpin(pins):
+    import subprocess
+    every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))))
+    for pid in pins["service_pids"]:
+        subprocess.run(["taskset", "-a", "-p", "-c", every, str(pid)], stdout=subprocess.DEVNULL)
+    faults.BIN = Path(pins["bin"])
 
 
 def tagging_summary():

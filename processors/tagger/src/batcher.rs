@@ -10,9 +10,11 @@
 //!   (longest × count), or when its oldest sequence has waited `max_wait` — whichever first.
 //! - The oldest waiting sequence always anchors the next batch (no starvation); the rest of
 //!   the batch is filled with the sequences closest to it in length (less padding).
-//! - The batching task reserves the model slot *before* forming a batch, so exactly one batch
-//!   is padded and ready while the model runs the current one; meanwhile the queue fills and
-//!   the next batch grows with the load.
+//! - A batch is formed when the model thread is free ([`Handoff::WhenFree`], the default): every
+//!   sequence that arrived during the previous forward pass joins the next batch, so batches
+//!   grow with the load and no sequence waits behind a batch that closed without it.
+//!   ([`Handoff::Ahead`] closes the next batch while the model runs the current one: at 50%
+//!   load that batch is often a single early item, and the items after it wait one more pass.)
 //! - Sequences whose caller went away (dropped future) are skipped, never computed.
 //! - The queue is bounded: when it is full, `infer` waits (backpressure); nothing is dropped.
 //! - The model runs on its own OS thread, so inference never blocks the async runtime.
@@ -21,6 +23,10 @@
 //!   ([`BatchError::Model`], dead-lettered); everyone else in the batch gets a result. A lone
 //!   sequence that fails with out-of-memory is reported as [`BatchError::Overloaded`] (transient:
 //!   the record is retried later), not as the item's fault.
+//! - Every step of a sequence is timed in `streamoasis_tagger_step_seconds{step}`: `queue`
+//!   (enqueued → batch closed), `slot` (closed → the model starts it), `model` (its batch's
+//!   forward pass), `reply` (forward done → the caller runs again); the tagger adds
+//!   `tokenize` and `score` per item ([`observe_step`]).
 
 use std::collections::VecDeque;
 use std::sync::OnceLock;
@@ -29,7 +35,7 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -150,17 +156,32 @@ pub enum BatchError {
     QueueFull,
 }
 
+/// How the batching task hands batches to the model thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Handoff {
+    /// Form a batch only once the model thread is free, from everything queued by then.
+    #[default]
+    WhenFree,
+    /// Form the next batch while the model runs the current one (one batch waits, ready).
+    Ahead,
+}
+
+/// A result and when the model thread sent it (to time the caller's wake-up).
+type Reply = (Result<Vec<f32>, BatchError>, std::time::Instant);
+
 struct Request {
     seq: Seq,
     enqueued: Instant,
-    reply: oneshot::Sender<Result<Vec<f32>, BatchError>>,
+    reply: oneshot::Sender<Reply>,
 }
 
 struct Job {
     batch: Batch,
     /// The sequences, kept to re-pad halves of a failed batch.
     seqs: Vec<Seq>,
-    replies: Vec<oneshot::Sender<Result<Vec<f32>, BatchError>>>,
+    replies: Vec<oneshot::Sender<Reply>>,
+    /// When the batch closed (for the `slot` step).
+    closed: std::time::Instant,
 }
 
 struct BatchMetrics {
@@ -172,6 +193,22 @@ struct BatchMetrics {
     inference: Histogram,
     depth: IntGauge,
     splits: IntCounter,
+    steps: HistogramVec,
+}
+
+/// Buckets of the per-step histogram: fine at the low end, where most steps are.
+const STEP_BUCKETS: [f64; 16] = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.5];
+
+/// Record a step of the tagger (`streamoasis_tagger_step_seconds{step}`) that began at `since`.
+pub fn observe_step(step: &str, since: std::time::Instant) {
+    observe_step_secs(step, since.elapsed().as_secs_f64(), 1);
+}
+
+fn observe_step_secs(step: &str, secs: f64, times: usize) {
+    let h = batch_metrics().steps.with_label_values(&[step]);
+    for _ in 0..times {
+        h.observe(secs);
+    }
 }
 
 fn batch_metrics() -> &'static BatchMetrics {
@@ -198,6 +235,12 @@ fn batch_metrics() -> &'static BatchMetrics {
             .unwrap(),
             depth: IntGauge::new("streamoasis_batch_queue_depth", "Sequences waiting for a batch").unwrap(),
             splits: IntCounter::new("streamoasis_batch_splits_total", "Failed batches split to isolate a failing sequence").unwrap(),
+            steps: HistogramVec::new(
+                HistogramOpts::new("streamoasis_tagger_step_seconds", "Time per step in the tagger: tokenize and score per item; queue, slot, model and reply per sequence")
+                    .buckets(STEP_BUCKETS.to_vec()),
+                &["step"],
+            )
+            .unwrap(),
         };
         let _ = r.register(Box::new(m.size.clone()));
         let _ = r.register(Box::new(m.padding.clone()));
@@ -207,6 +250,7 @@ fn batch_metrics() -> &'static BatchMetrics {
         let _ = r.register(Box::new(m.inference.clone()));
         let _ = r.register(Box::new(m.depth.clone()));
         let _ = r.register(Box::new(m.splits.clone()));
+        let _ = r.register(Box::new(m.steps.clone()));
         m
     })
 }
@@ -216,6 +260,11 @@ fn batch_metrics() -> &'static BatchMetrics {
 pub struct Batcher {
     tx: mpsc::Sender<Request>,
     alive: Arc<AtomicBool>,
+    /// Straight to the model thread (warm-up), past the queue.
+    jobs: mpsc::Sender<Job>,
+    /// One permit while the model thread is free ([`Handoff::WhenFree`]).
+    idle: Arc<tokio::sync::Semaphore>,
+    handoff: Handoff,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -250,11 +299,18 @@ pub async fn quiesce(timeout: Duration) -> bool {
 
 impl Batcher {
     /// Start the batching task (on the current tokio runtime) and the model thread.
-    pub fn spawn<B: Backend>(mut backend: B, cfg: BatcherConfig) -> Batcher {
+    pub fn spawn<B: Backend>(backend: B, cfg: BatcherConfig) -> Batcher {
+        Self::spawn_with(backend, cfg, Handoff::default())
+    }
+
+    /// [`Batcher::spawn`] with a chosen [`Handoff`] (benches compare them).
+    pub fn spawn_with<B: Backend>(mut backend: B, cfg: BatcherConfig, handoff: Handoff) -> Batcher {
         let (tx, rx) = mpsc::channel::<Request>(cfg.queue_capacity.max(1));
         let (job_tx, mut job_rx) = mpsc::channel::<Job>(1);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
+        let idle = Arc::new(tokio::sync::Semaphore::new(1));
+        let freed = (handoff == Handoff::WhenFree).then(|| idle.clone());
         std::thread::Builder::new()
             .name("streamoasis-model".into())
             .spawn(move || {
@@ -280,17 +336,53 @@ impl Batcher {
                         break;
                     }
                     let started = std::time::Instant::now();
+                    let n = job.replies.len();
+                    observe_step_secs("slot", (started - job.closed).as_secs_f64(), n);
                     let results = run_isolating(&mut backend, &job.batch, &job.seqs);
                     BUSY.fetch_sub(1, Ordering::SeqCst);
-                    batch_metrics().inference.observe(started.elapsed().as_secs_f64());
+                    let done = std::time::Instant::now();
+                    let took = (done - started).as_secs_f64();
+                    batch_metrics().inference.observe(took);
+                    observe_step_secs("model", took, n);
                     for (reply, r) in job.replies.into_iter().zip(results) {
-                        let _ = reply.send(r);
+                        let _ = reply.send((r, done));
+                    }
+                    if let Some(idle) = &freed {
+                        idle.add_permits(1);
                     }
                 }
             })
             .expect("spawn model thread");
-        tokio::spawn(batching_task(rx, job_tx, cfg));
-        Batcher { tx, alive }
+        tokio::spawn(batching_task(rx, job_tx.clone(), cfg, (handoff == Handoff::WhenFree).then(|| idle.clone())));
+        Batcher { tx, alive, jobs: job_tx, idle, handoff }
+    }
+
+    /// Run padded batches of the given sequences straight on the model thread, one after the
+    /// other, past the queue and batch selection (start-up warm-up: see [`crate::warmup`]).
+    /// Waits for the model to be free before each. Errors of a batch are returned, not retried.
+    pub async fn run_batch(&self, seqs: Vec<Seq>) -> Result<Vec<Vec<f32>>, BatchError> {
+        // Take the model while it is free, so that no queued batch runs at the same time.
+        let free = self.idle.acquire().await.map_err(|_| BatchError::Stopped)?;
+        let refs: Vec<&Seq> = seqs.iter().collect();
+        let batch = Batch::pad(&refs);
+        let mut replies = Vec::with_capacity(seqs.len());
+        let mut rxs = Vec::with_capacity(seqs.len());
+        for _ in 0..seqs.len() {
+            let (tx, rx) = oneshot::channel();
+            replies.push(tx);
+            rxs.push(rx);
+        }
+        let sent = self.jobs.send(Job { batch, seqs, replies, closed: std::time::Instant::now() }).await;
+        if self.handoff == Handoff::WhenFree {
+            // The model thread gives the permit back once the batch is done.
+            free.forget();
+        }
+        sent.map_err(|_| BatchError::Stopped)?;
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(rx.await.map_err(|_| BatchError::Stopped)?.0?);
+        }
+        Ok(out)
     }
 
     /// False once the model thread has exited (it ends only when the batcher is dropped, or if it
@@ -310,11 +402,7 @@ impl Batcher {
                 self.tx.send(Request { seq, enqueued: Instant::now(), reply }).await.map_err(|_| BatchError::Stopped)?;
                 replies.push(rx);
             }
-            let mut out = Vec::with_capacity(replies.len());
-            for rx in replies {
-                out.push(rx.await.map_err(|_| BatchError::Stopped)??);
-            }
-            Ok(out)
+            collect(replies).await
         }
         .instrument(tracing::info_span!("inference", sequences = n))
         .await
@@ -339,12 +427,22 @@ impl Batcher {
             permit.send(Request { seq, enqueued: Instant::now(), reply });
             replies.push(rx);
         }
-        let mut out = Vec::with_capacity(replies.len());
-        for rx in replies {
-            out.push(rx.await.map_err(|_| BatchError::Stopped)??);
-        }
-        Ok(out)
+        collect(replies).await
     }
+}
+
+/// Await the replies in order; the first one's wake-up (model done → caller running) is timed
+/// as the `reply` step (later ones were sent with or before it).
+async fn collect(replies: Vec<oneshot::Receiver<Reply>>) -> Result<Vec<Vec<f32>>, BatchError> {
+    let mut out = Vec::with_capacity(replies.len());
+    for (i, rx) in replies.into_iter().enumerate() {
+        let (r, sent) = rx.await.map_err(|_| BatchError::Stopped)?;
+        if i == 0 {
+            observe_step("reply", sent);
+        }
+        out.push(r?);
+    }
+    Ok(out)
 }
 
 /// One forward pass, with panics in the backend turned into errors.
@@ -424,12 +522,31 @@ fn select(pending: &VecDeque<Request>, cfg: &BatcherConfig) -> Vec<usize> {
     chosen
 }
 
-async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job>, cfg: BatcherConfig) {
+async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job>, cfg: BatcherConfig, idle: Option<Arc<tokio::sync::Semaphore>>) {
     let mut pending: VecDeque<Request> = VecDeque::with_capacity(cfg.queue_capacity);
     let mut closed = false;
     let m = batch_metrics();
-    loop {
-        // Reserve the model slot first: at most one batch waits while the model runs one.
+    'next: loop {
+        // Something to run first: an idle batcher holds no claim on the model (a warm-up pass
+        // may take it meanwhile).
+        if pending.is_empty() {
+            if closed {
+                return;
+            }
+            match rx.recv().await {
+                Some(r) => pending.push_back(r),
+                None => return,
+            }
+        }
+        // `WhenFree`: wait for the model thread to be free (it gives the permit back after each
+        // batch), so the batch formed next takes everything queued meanwhile.
+        if let Some(idle) = &idle {
+            match idle.acquire().await {
+                Ok(p) => p.forget(),
+                Err(_) => return,
+            }
+        }
+        // Reserve the model slot: at most one batch waits while the model runs one.
         let permit = match job_tx.reserve().await {
             Ok(p) => p,
             Err(_) => return, // model thread gone; dropping requests fails their callers
@@ -450,14 +567,11 @@ async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job
             pending.retain(|r| !r.reply.is_closed());
             m.skipped.inc_by((before - pending.len()) as u64);
             if pending.is_empty() {
-                if closed {
-                    return;
+                // Every caller went away: hand the model back and wait for a request.
+                if let Some(idle) = &idle {
+                    idle.add_permits(1);
                 }
-                match rx.recv().await {
-                    Some(r) => pending.push_back(r),
-                    None => return,
-                }
-                continue;
+                continue 'next;
             }
             if closed || can_fill(&pending, &cfg) || pending.len() >= cfg.queue_capacity {
                 break;
@@ -480,7 +594,9 @@ async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job
         reqs.reverse();
         let now = Instant::now();
         for r in &reqs {
-            m.queue_wait.observe((now - r.enqueued).as_secs_f64());
+            let waited = (now - r.enqueued).as_secs_f64();
+            m.queue_wait.observe(waited);
+            observe_step_secs("queue", waited, 1);
         }
         m.depth.set(pending.len() as i64);
         let refs: Vec<&Seq> = reqs.iter().map(|r| &r.seq).collect();
@@ -492,7 +608,7 @@ async fn batching_task(mut rx: mpsc::Receiver<Request>, job_tx: mpsc::Sender<Job
             m.padding.observe(1.0 - real as f64 / (batch.rows * batch.cols) as f64);
         }
         let (seqs, replies) = reqs.into_iter().map(|r| (r.seq, r.reply)).unzip();
-        permit.send(Job { batch, seqs, replies });
+        permit.send(Job { batch, seqs, replies, closed: std::time::Instant::now() });
     }
 }
 
@@ -662,9 +778,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_callers_are_skipped() {
+        // Formed when the model is free: every cancelled request is skipped.
+        assert_eq!(cancelled_run(Handoff::WhenFree).await, 2);
+        // Formed ahead: the one batch prepared while the model was busy had already closed.
+        assert_eq!(cancelled_run(Handoff::Ahead).await, 3);
+    }
+
+    /// Batches run when ten callers give up while the model is busy, then one more comes.
+    async fn cancelled_run(handoff: Handoff) -> usize {
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let fake = Fake { gate: Some(gate.clone()), ..Default::default() };
-        let b = Batcher::spawn(fake.clone(), cfg(1, 10_000, 0, 64));
+        let b = Batcher::spawn_with(fake.clone(), cfg(1, 10_000, 0, 64), handoff);
         // Occupy the model: it blocks until the gate opens.
         let busy = {
             let b = b.clone();
@@ -683,9 +807,37 @@ mod tests {
         assert_eq!(out[0][0], 2.0);
         busy.await.unwrap().unwrap();
         let seen = fake.seen.lock().unwrap().len();
-        // The busy batch, the one batch already prepared in the slot while it ran, and the last
-        // request: the other nine cancelled requests were skipped.
-        assert_eq!(seen, 3, "ran {seen} batches; cancelled requests were computed");
+        seen
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn items_arriving_during_a_pass_join_the_next_batch_together() {
+        // The model is busy; one item comes, then three more. Formed when the model is free, the
+        // four run together in the next pass; formed ahead, the first runs alone and the other
+        // three wait one more pass.
+        for (handoff, want) in [(Handoff::WhenFree, vec![(1, 3), (4, 3)]), (Handoff::Ahead, vec![(1, 3), (1, 3), (3, 3)])] {
+            let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+            let fake = Fake { gate: Some(gate.clone()), ..Default::default() };
+            let b = Batcher::spawn_with(fake.clone(), cfg(32, 10_000, 0, 64), handoff);
+            let mut calls = vec![];
+            let call = |b: &Batcher, i: i64| {
+                let b = b.clone();
+                tokio::spawn(async move { b.infer(vec![seq(i, 3)]).await })
+            };
+            calls.push(call(&b, 1));
+            while fake.seen.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            for i in 2..=5 {
+                calls.push(call(&b, i));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            open(&gate);
+            for c in calls {
+                c.await.unwrap().unwrap();
+            }
+            assert_eq!(*fake.seen.lock().unwrap(), want, "{handoff:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -315,6 +315,10 @@ pub struct BatchingSpec {
     /// Sequences waiting for the model; callers wait (backpressure) when it is full.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// Most time spent at start-up running the model over the batch shapes it will see,
+    /// before the tagger reports ready (0 = no warm-up; see the `warmup` module).
+    #[serde(default = "default_warmup", with = "humantime_serde")]
+    pub warmup: Duration,
 }
 
 fn default_batch() -> usize {
@@ -329,10 +333,13 @@ fn default_wait() -> Duration {
 fn default_queue() -> usize {
     1024
 }
+fn default_warmup() -> Duration {
+    Duration::from_secs(30)
+}
 
 impl Default for BatchingSpec {
     fn default() -> Self {
-        BatchingSpec { max_batch_size: default_batch(), max_batch_tokens: default_tokens(), max_wait: default_wait(), queue_capacity: default_queue() }
+        BatchingSpec { max_batch_size: default_batch(), max_batch_tokens: default_tokens(), max_wait: default_wait(), queue_capacity: default_queue(), warmup: default_warmup() }
     }
 }
 

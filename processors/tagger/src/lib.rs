@@ -12,6 +12,7 @@
 //! - [`scoring`]: the token budget → windows, relevance pooling of windows, calibration that
 //!   carries over to label names never fitted, and the evidence rule of adaptive compute.
 //! - [`processor`]: the `media.ingested` → `media.tagged` processor.
+//! - [`warmup`]: start-up warm-up of the model's batch shapes and the codec's schema caches.
 //!
 //! ## Batching knobs and their trade-offs
 //! - `max_batch_size` (32): more sequences per pass amortise per-call overhead; on 2 CPU cores
@@ -48,6 +49,7 @@ pub mod model;
 pub mod processor;
 pub mod scoring;
 pub mod tagger;
+pub mod warmup;
 
 pub use config::TaggerConfig;
 

@@ -313,6 +313,16 @@ impl Tagger {
         &self.model
     }
 
+    /// Run the model over the batch shapes it will see, for at most `budget` (start-up, before
+    /// reporting ready: see [`crate::warmup`]).
+    pub async fn warm_up(&self, budget: std::time::Duration) -> Result<crate::warmup::Report, BatchError> {
+        let (encoder, batcher) = match &self.scorer {
+            Scorer::Embedding(e) => (&e.encoder, &e.batcher),
+            Scorer::Nli(n) => (&n.encoder, &n.batcher),
+        };
+        crate::warmup::warm_model(encoder, batcher, &self.cfg, budget).await
+    }
+
     /// False once a model thread has died (liveness).
     pub fn is_alive(&self) -> bool {
         match &self.scorer {
@@ -373,10 +383,12 @@ impl Tagger {
         let e = self.embedder()?;
         let t = &self.cfg.text;
         let n = self.window_count()?;
+        let started = std::time::Instant::now();
         let windows = match t.placement {
             Placement::Spread => e.encoder.windows_spread(text, n, t.stride),
             Placement::Head => e.encoder.windows(text, n, t.stride),
         };
+        crate::batcher::observe_step("tokenize", started);
         if windows.is_empty() {
             return Ok(Vec::new());
         }
@@ -562,6 +574,13 @@ impl Tagger {
     }
 
     fn score(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], kind: MediaKind, ks: KindSettings<'_>) -> Vec<f32> {
+        let started = std::time::Instant::now();
+        let scores = self.score_cosines(doc, vectors, names, kind, ks);
+        crate::batcher::observe_step("score", started);
+        scores
+    }
+
+    fn score_cosines(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], kind: MediaKind, ks: KindSettings<'_>) -> Vec<f32> {
         let cos: Vec<f32> = vectors.iter().map(|v| dot(doc, v)).collect();
         let e = &self.cfg.embedding;
         if ks.multi_label {

@@ -61,6 +61,14 @@ pub(super) async fn tagger(c: &Common, a: TaggerArgs, shutdown: CancellationToke
     if !cfg!(feature = "cuda") {
         tracing::info!("this build runs on the CPU only (built without the cuda feature: libtorch_cuda is not linked)");
     }
+    // Warm the model's batch shapes and the schema caches before reporting ready, so the first
+    // records (of a replica a scaler just added) see warm latency.
+    let spec = &topo.file.processors.tagger;
+    tokio::select! {
+        r = tagger.warm_up(tc.batching.warmup) => if let Err(e) = r { tracing::error!(error = %e, "model warm-up failed") },
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    streamoasis_tagger::warmup::warm_codec(&codec, &spec.input, spec.output.as_deref()).await;
     let alive = tagger.clone();
     health.add_check("model thread", move || alive.is_alive());
     health.set_loaded(true);
