@@ -60,9 +60,9 @@ def send(s, prefix, texts, rate):
     t0 = time.time()
     for i, (title, desc) in enumerate(texts):
         if rate > 0:
-            due = t0 + i / rate
-            if due > time.time():
-                time.sleep(due - time.time())
+            wait = t0 + i / rate - time.time()  # one clock read (two raced: a negative sleep)
+            if wait > 0:
+                time.sleep(wait)
         mid = f"{prefix}-{i:07d}"
         it = item(mid, title, desc)
         faults.produce(p, s.input, mid.encode(), s.codec.frame(it))
