@@ -155,6 +155,7 @@ impl ApiState {
             strategy: types::wire_name(&self.tagger.strategy()),
             model: format!("{}@{}", m.name, m.version),
             kind: kind.map(|k| types::wire_name(&k)),
+            taxonomy_version: r.taxonomy_version,
         })
     }
 }

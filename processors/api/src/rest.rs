@@ -133,6 +133,7 @@ async fn media_tags(State(st): State<Arc<ApiState>>, Path(media_id): Path<String
         model: rec.model,
         ingested_at: rec.ingested_at,
         tagged_at: rec.tagged_at,
+        taxonomy_version: rec.taxonomy_version,
     }))
 }
 

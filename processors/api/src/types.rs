@@ -91,6 +91,9 @@ pub struct TagResponse {
     pub model: String,
     /// The request's kind, normalised (null when not given).
     pub kind: Option<String>,
+    /// The taxonomy the tags were made with (labels or the request's candidate_labels,
+    /// templates, calibration, thresholds), as in tagged events.
+    pub taxonomy_version: String,
 }
 
 /// `GET /v1/media/{media_id}/tags` answer: what the sink stored.
@@ -118,6 +121,9 @@ pub struct MediaTagsResponse {
     pub ingested_at: Option<i64>,
     /// Tagging time, ms since the epoch.
     pub tagged_at: Option<i64>,
+    /// The taxonomy version the stored tags were made with (null for rows written before it
+    /// was kept); compare with `streamoasis db stats` to see stale rows.
+    pub taxonomy_version: Option<String>,
 }
 
 /// Query of `GET /v1/tags/{tag}/media`.

@@ -298,6 +298,7 @@ async fn rest_tag_answers_and_rejects_bad_input_naming_the_field() {
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
     assert_eq!(v["kind"], "CLIP");
     assert_eq!(v["strategy"], "EMBEDDING");
+    assert_eq!(v["taxonomy_version"], json!(fx.tagger.taxonomy_version()), "{v}");
     let (s, v) = fx.post("/v1/tag", &json!({"title": "Cheese, wine and a long lunch", "candidate_labels": ["food", "finance"]})).await;
     assert_eq!(s, StatusCode::OK);
     let got: HashSet<&str> = v["tags"].as_array().unwrap().iter().map(|t| t["label"].as_str().unwrap()).collect();
@@ -467,6 +468,7 @@ fn tagged(id: &str, tags: &[(&str, f32)], offset: i64) -> MediaTagged {
         source: Some("archive".into()),
         language: Some("en".into()),
         attributes: HashMap::from([("season".into(), "2".into())]),
+        taxonomy_version: None,
     }
 }
 
@@ -615,13 +617,18 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     // Taxonomy change: "sport" becomes "athletics" (SIGHUP's reload), then retag.
     let file = std::env::temp_dir().join(format!("so-topology-{}.yaml", uuid::Uuid::new_v4().simple()));
     write_topology(&file, &["athletics", "business", "politics", "technology", "entertainment"]);
+    let before = fx.tagger.taxonomy_version();
     assert_eq!(streamoasis_tagger::reload_labels(&file, &fx.tagger).await.unwrap(), 5);
+    let after = fx.tagger.taxonomy_version();
+    assert_ne!(after, before, "a new taxonomy, a new version");
     // An invalid taxonomy is refused and the current one stays.
     write_topology(&file, &[]);
     assert!(streamoasis_tagger::reload_labels(&file, &fx.tagger).await.is_err());
     assert!(fx.tagger.label_names().contains(&"athletics".to_string()));
+    assert_eq!(fx.tagger.taxonomy_version(), after);
     let (_, v) = fx.post("/v1/tag", &json!({"title": sports[0]})).await;
     assert_eq!(v["tags"][0]["label"], "athletics", "the API shares the reloaded taxonomy: {v}");
+    assert_eq!(v["taxonomy_version"], json!(after), "{v}");
 
     let o = ops::RetagOptions { topic: input.clone(), start: ops::Start::Beginning, media_ids: Some(HashSet::from(["s0".into(), "s2".into()])), rate: 50.0, progress: false };
     let s = ops::retag(&fx.conn.kafka, &Default::default(), &o).await.unwrap();
@@ -634,6 +641,9 @@ async fn post_media_flows_through_tagger_and_sink_then_retag_moves_items_between
     );
     assert_eq!(stored_tags(&fx, "s0").await.unwrap()["tags"][0]["label"], "athletics");
     assert_eq!(stored_tags(&fx, "s1").await.unwrap()["tags"][0]["label"], "sport");
+    // The retagged rows carry the new taxonomy version; the one not retagged keeps the old: stale.
+    assert_eq!(stored_tags(&fx, "s0").await.unwrap()["taxonomy_version"], json!(after));
+    assert_eq!(stored_tags(&fx, "s1").await.unwrap()["taxonomy_version"], json!(before));
     let _ = std::fs::remove_file(file);
     fx.shutdown().await;
 }

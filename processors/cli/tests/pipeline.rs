@@ -201,7 +201,13 @@ async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
             assert!((g.score - ws).abs() < 1e-3, "{}: {} {} vs {}", it.media_id, g.label, g.score, ws);
         }
         assert_eq!(got.lineage.topic, env.input);
+        assert_eq!(got.taxonomy_version.as_deref(), Some(want.taxonomy_version.as_str()), "{}: taxonomy version", it.media_id);
     }
+    // One taxonomy version for the whole run: the topology's labels and settings.
+    let tc = TaggerConfig::from_topology(&env.topo).unwrap();
+    let version = tc.taxonomy_version(&tc.labels);
+    assert_eq!(tagger.taxonomy_version(), version);
+    assert!(seen.values().all(|e| e.taxonomy_version.as_deref() == Some(version.as_str())), "every event carries {version}");
 
     let ks = env.sink_config().keyspace;
     let session = cql().await;
@@ -212,21 +218,22 @@ async fn a_thousand_items_in_a_thousand_tagged_events_and_rows_out() {
     assert_eq!(count(&session, &ks).await, 1000, "a row per item in media_tags");
     // Rows read back and compared with the tagged events: tags, top tag, version, by-tag rows.
     let rows = session
-        .query_unpaged(format!("SELECT media_id, tags, top_tag, ingested_at, source_partition, source_offset FROM {ks}.media_tags"), ())
+        .query_unpaged(format!("SELECT media_id, tags, top_tag, ingested_at, source_partition, source_offset, taxonomy_version FROM {ks}.media_tags"), ())
         .await
         .unwrap()
         .into_rows_result()
         .unwrap();
-    type Row = (String, HashMap<String, f32>, Option<String>, scylla::value::CqlTimestamp, i32, i64);
+    type Row = (String, HashMap<String, f32>, Option<String>, scylla::value::CqlTimestamp, i32, i64, Option<String>);
     let rows: Vec<Row> = rows.rows().unwrap().collect::<Result<_, _>>().unwrap();
     assert_eq!(rows.len(), 1000);
     let mut by_tag: HashMap<String, usize> = HashMap::new();
-    for (id, tags, top, at, part, off) in &rows {
+    for (id, tags, top, at, part, off, taxonomy) in &rows {
         let e = &seen[id];
         let want: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
         assert_eq!(tags, &want, "{id}: stored tags");
         assert_eq!(top.as_deref(), e.tags.first().map(|t| t.label.as_str()), "{id}: top tag");
         assert_eq!((at.0, *part, *off), (e.ingested_at, e.lineage.partition, e.lineage.offset), "{id}: version from the input");
+        assert_eq!(taxonomy.as_deref(), Some(version.as_str()), "{id}: stored taxonomy version");
         for t in &e.tags {
             *by_tag.entry(t.label.clone()).or_default() += 1;
         }

@@ -32,6 +32,7 @@ fn tagged(id: &str, label: &str) -> MediaTagged {
         source: Some("sink-dlq-test".into()),
         language: None,
         attributes: HashMap::new(),
+        taxonomy_version: None,
     }
 }
 

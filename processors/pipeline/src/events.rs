@@ -191,6 +191,11 @@ pub struct MediaTagged {
     /// Attributes copied from the input untouched.
     #[serde(default)]
     pub attributes: HashMap<String, String>,
+    /// Stable hash of the taxonomy that produced the tags (labels, templates, calibration,
+    /// thresholds; null in events written before it was carried). With `model`, it says whether
+    /// the tags are stale after a change.
+    #[serde(default)]
+    pub taxonomy_version: Option<String>,
 }
 
 impl Event for MediaTagged {
@@ -308,15 +313,17 @@ mod tests {
             source: Some("archive-ingest".into()),
             language: None,
             attributes: HashMap::from([("season".into(), "2".into())]),
+            taxonomy_version: Some("tx-0123456789ab".into()),
         }
     }
 
-    /// `MediaTagged` written before title/source/language/attributes were carried still reads,
+    /// `MediaTagged` written before title/source/language/attributes/taxonomy_version were
+    /// carried still reads,
     /// with the defaults (the BACKWARD evolution `topology apply` registers).
     #[test]
     fn media_tagged_reads_events_without_carried_fields() {
         let mut json: serde_json::Value = serde_json::from_str(MEDIA_TAGGED_AVSC).unwrap();
-        let carried = ["title", "source", "language", "attributes"];
+        let carried = ["title", "source", "language", "attributes", "taxonomy_version"];
         json["fields"].as_array_mut().unwrap().retain(|f| !carried.contains(&f["name"].as_str().unwrap()));
         let old = Schema::parse(&json).unwrap();
         let e = sample_tagged();
@@ -326,7 +333,7 @@ mod tests {
         let bytes = to_avro_datum(&old, old_value.resolve(&old).unwrap()).unwrap();
         let read = from_avro_datum(&old, &mut bytes.as_slice(), Some(MediaTagged::schema())).unwrap();
         let back: MediaTagged = avro::from_value(read).unwrap();
-        assert_eq!(back, MediaTagged { title: None, source: None, language: None, attributes: HashMap::new(), ..e });
+        assert_eq!(back, MediaTagged { title: None, source: None, language: None, attributes: HashMap::new(), taxonomy_version: None, ..e });
     }
 
     fn round_trip<E: Event + PartialEq + std::fmt::Debug>(event: E) {

@@ -56,6 +56,8 @@ pub struct MediaRecord {
     pub language: Option<String>,
     /// Attributes carried from the input.
     pub attributes: HashMap<String, String>,
+    /// The taxonomy version the tags were made with (None for rows written before it was kept).
+    pub taxonomy_version: Option<String>,
     /// When the item was ingested (ms since the epoch).
     pub ingested_at: Option<i64>,
     /// When it was tagged (ms since the epoch).
@@ -131,6 +133,7 @@ type MediaRow = (
     Option<HashMap<String, String>>,
     Option<CqlTimestamp>,
     Option<CqlTimestamp>,
+    Option<String>,
 );
 
 impl Reader {
@@ -143,7 +146,7 @@ impl Reader {
         };
         Ok(Reader {
             media: prep(format!(
-                "SELECT media_id, tags, kind, strategy, model, title, source, language, attributes, ingested_at, tagged_at \
+                "SELECT media_id, tags, kind, strategy, model, title, source, language, attributes, ingested_at, tagged_at, taxonomy_version \
                  FROM {ks}.media_tags WHERE media_id = ?"
             ))
             .await?,
@@ -159,7 +162,7 @@ impl Reader {
         let Some(row) = r.maybe_first_row::<MediaRow>().map_err(db)? else {
             return Ok(None);
         };
-        let (media_id, tags, kind, strategy, model, title, source, language, attributes, ingested_at, tagged_at) = row;
+        let (media_id, tags, kind, strategy, model, title, source, language, attributes, ingested_at, tagged_at, taxonomy_version) = row;
         let mut tags: Vec<(String, f32)> = tags.unwrap_or_default().into_iter().collect();
         tags.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         Ok(Some(MediaRecord {
@@ -174,6 +177,7 @@ impl Reader {
             attributes: attributes.unwrap_or_default(),
             ingested_at: ingested_at.map(|t| t.0),
             tagged_at: tagged_at.map(|t| t.0),
+            taxonomy_version,
         }))
     }
 
@@ -209,6 +213,17 @@ impl Reader {
 pub async fn count_rows(session: &Session, query: &str) -> anyhow::Result<i64> {
     let r = session.query_unpaged(query, ()).await?.into_rows_result()?;
     Ok(r.maybe_first_row::<(i64,)>()?.map_or(0, |(n,)| n))
+}
+
+/// Rows of `media_tags` per (`model`, `taxonomy_version`), by a full scan (paged): which rows a
+/// model or taxonomy change left stale. `None` = rows written before the column was kept.
+pub async fn count_by_version(session: &Session, keyspace: &str) -> anyhow::Result<std::collections::BTreeMap<(Option<String>, Option<String>), u64>> {
+    let mut rows = session.query_iter(format!("SELECT model, taxonomy_version FROM {keyspace}.media_tags"), ()).await?.rows_stream::<(Option<String>, Option<String>)>()?;
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(row) = rows.next().await {
+        *out.entry(row?).or_insert(0u64) += 1;
+    }
+    Ok(out)
 }
 
 /// Rows of `media_by_tag` for `tag` (every bucket).

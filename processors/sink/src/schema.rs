@@ -53,7 +53,7 @@ pub fn by_tag_table(ks: &str) -> String {
 }
 
 /// Columns added to `media_tags` after its first release: `ALTER TABLE ... ADD` when absent.
-pub const CARRIED_COLUMNS: [(&str, &str); 4] = [("title", "text"), ("source", "text"), ("language", "text"), ("attributes", "map<text, text>")];
+pub const CARRIED_COLUMNS: [(&str, &str); 5] = [("title", "text"), ("source", "text"), ("language", "text"), ("attributes", "map<text, text>"), ("taxonomy_version", "text")];
 
 async fn columns(session: &Session, ks: &str, table: &str) -> anyhow::Result<HashSet<String>> {
     let r = session.query_unpaged("SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?", (ks, table)).await?.into_rows_result()?;

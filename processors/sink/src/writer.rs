@@ -119,7 +119,8 @@ impl TagWriter {
             read_tags: prep(format!("SELECT tags, ingested_at, source_partition, source_offset FROM {ks}.media_tags WHERE media_id = ?")).await?,
             by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?,
             unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND bucket = ? AND score = ? AND media_id = ?")).await?,
-            carry: prep(format!("UPDATE {ks}.media_tags USING TIMESTAMP ? SET title = ?, source = ?, language = ?, attributes = ? WHERE media_id = ?")).await?,
+            carry: prep(format!("UPDATE {ks}.media_tags USING TIMESTAMP ? SET title = ?, source = ?, language = ?, attributes = ?, taxonomy_version = ? WHERE media_id = ?"))
+                .await?,
             permits: Semaphore::new(c.concurrency),
             session,
         })
@@ -188,8 +189,9 @@ impl TagWriter {
             &self.upsert,
             (&e.media_id, &tags, &top, &kind, &strategy, &model, CqlTimestamp(e.ingested_at), tagged_at, &e.lineage.topic, e.lineage.partition, e.lineage.offset, ts_us),
         );
-        // Fields carried from the input (title, source, language, attributes), for the read path.
-        let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.media_id));
+        // Fields carried from the input (title, source, language, attributes) for the read path,
+        // and the taxonomy version (which rows a taxonomy change made stale).
+        let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.taxonomy_version, &e.media_id));
         let (main, carry) = tokio::join!(main, carry);
         main.map_err(|x| classify("write media_tags", &x))?;
         carry.map_err(|x| classify("write media_tags", &x))?;

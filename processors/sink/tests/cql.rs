@@ -37,6 +37,7 @@ fn event(id: &str, tagged_at: i64, tags: &[(&str, f32)]) -> MediaTagged {
         source: None,
         language: None,
         attributes: HashMap::new(),
+        taxonomy_version: None,
     }
 }
 
@@ -89,4 +90,28 @@ async fn retagging_moves_the_item_between_tags() {
 /// The first page of items carrying `tag`, as (media id, score).
 async fn by_tag(r: &Reader, tag: &str, limit: usize) -> Result<Vec<(String, f32)>, streamoasis_sink::read::ReadError> {
     Ok(r.by_tag(tag, limit, None).await?.items.into_iter().map(|i| (i.media_id, i.score)).collect())
+}
+
+/// Each row keeps the taxonomy version of its newest event; `count_by_version` counts rows per
+/// (model, taxonomy version), so the rows a taxonomy change left stale are visible.
+#[tokio::test]
+async fn taxonomy_versions_are_stored_and_counted() {
+    streamoasis_testkit::require_stack!();
+    let (s, c) = setup().await;
+    let w = TagWriter::new(s.clone(), &c).await.unwrap();
+    let with = |id: &str, at: i64, v: Option<&str>| MediaTagged { taxonomy_version: v.map(String::from), ..event(id, at, &[("sport", 0.9)]) };
+    assert!(w.write(&with("v1", 1_000, Some("tx-aaaa"))).await.unwrap());
+    assert!(w.write(&with("v2", 1_000, Some("tx-aaaa"))).await.unwrap());
+    assert!(w.write(&with("v3", 1_000, None)).await.unwrap());
+    // v1 retagged under a new taxonomy; an older replay of v2 under the new one is skipped.
+    assert!(w.write(&with("v1", 2_000, Some("tx-bbbb"))).await.unwrap());
+    assert!(!w.write(&with("v2", 500, Some("tx-bbbb"))).await.unwrap());
+    let r = Reader::new(s.clone(), &c.keyspace).await.unwrap();
+    assert_eq!(r.media("v1").await.unwrap().unwrap().taxonomy_version.as_deref(), Some("tx-bbbb"));
+    assert_eq!(r.media("v2").await.unwrap().unwrap().taxonomy_version.as_deref(), Some("tx-aaaa"));
+    assert_eq!(r.media("v3").await.unwrap().unwrap().taxonomy_version, None);
+    let counts = streamoasis_sink::read::count_by_version(&s, &c.keyspace).await.unwrap();
+    let m = Some("m@1".to_string());
+    let want = std::collections::BTreeMap::from([((m.clone(), None), 1u64), ((m.clone(), Some("tx-aaaa".to_string())), 1), ((m.clone(), Some("tx-bbbb".to_string())), 1)]);
+    assert_eq!(counts, want);
 }

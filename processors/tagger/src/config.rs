@@ -10,7 +10,7 @@ use streamoasis_pipeline::events::MediaKind;
 use streamoasis_pipeline::topology::{ConfigError, Topology};
 
 /// Which zero-shot strategy scores labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum StrategyKind {
     /// Bi-encoder: cosine between the item and label-prompt embeddings. One forward pass per
@@ -110,7 +110,7 @@ fn default_device() -> String {
 }
 
 /// Embedding-strategy settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingSpec {
     /// Prompt templates; `{label}` is the label's name; a template with `{description}` yields
@@ -234,7 +234,7 @@ impl Calibration {
 }
 
 /// Settings for the items of one media kind.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct KindSpec {
     /// Prompt templates (as `embedding.templates`), e.g. `"A film about {label}."`.
@@ -432,7 +432,7 @@ impl Default for TextSpec {
 }
 
 /// One label of the taxonomy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelSpec {
     /// Label name as emitted in tags.
@@ -513,6 +513,28 @@ fn default_cache() -> usize {
 pub type TaggerConfig = TaggingSpec;
 
 impl TaggingSpec {
+    /// The taxonomy version of tags made with `labels` under these settings: a stable hash of
+    /// everything that decides an item's tags besides the model and the text: the labels (names
+    /// and descriptions), the strategy, the prompt templates (per kind too), the calibration,
+    /// the scoring knobs (temperature, centre, scale, multi-label) and the thresholds (`top_k`,
+    /// `min_score`). `tx-` and 16 hex digits of SHA-256 over canonical JSON (object keys
+    /// sorted), so the same taxonomy gives the same version on every replica and release, and
+    /// reordering the topology's keys changes nothing. Label order counts: it breaks ties.
+    pub fn taxonomy_version(&self, labels: &[LabelSpec]) -> String {
+        use sha2::Digest;
+        let canonical = serde_json::json!({
+            "labels": labels,
+            "strategy": self.strategy,
+            "embedding": self.embedding,
+            "nli": self.nli.as_ref().map(|n| serde_json::json!({"template": n.hypothesis_template, "multi_label": n.multi_label})),
+            "top_k": self.top_k,
+            "min_score": self.min_score,
+        });
+        let digest = sha2::Sha256::digest(canonical.to_string().as_bytes());
+        let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("tx-{hex}")
+    }
+
     /// Parse the `tagging:` section of a topology and validate it.
     pub fn from_topology(t: &Topology) -> Result<Self, ConfigError> {
         let mut spec: TaggingSpec = t.section("tagging", &t.file.tagging)?;
@@ -672,6 +694,46 @@ mod tests {
         let s: TaggingSpec = serde_yaml::from_str(&yaml).map_err(|e| e.to_string())?;
         s.validate("topology.yaml").map_err(|e| e.to_string())?;
         Ok(s)
+    }
+
+    fn version_of(yaml: &str) -> String {
+        let s: TaggingSpec = serde_yaml::from_str(yaml).unwrap();
+        s.taxonomy_version(&s.labels)
+    }
+
+    #[test]
+    fn the_taxonomy_version_is_stable_and_follows_what_decides_tags() {
+        let base =
+            "model: {path: /m, threads: 1}\nlabels: [{name: a, description: x}, {name: b}]\nembedding: {kinds: {MOVIE: {multi_label: true}, VIDEO: {templates: ['{label}']}}}";
+        let v = version_of(base);
+        assert!(v.starts_with("tx-") && v.len() == 19 && v[3..].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
+        // The same taxonomy written with its keys in another order, or with settings outside the
+        // taxonomy changed (model threads, batching, text), keeps its version: replicas agree.
+        assert_eq!(
+            version_of(
+                "labels: [{description: x, name: a}, {name: b}]\nembedding: {kinds: {VIDEO: {templates: ['{label}']}, MOVIE: {multi_label: true}}}\nmodel: {path: /m, threads: 1}"
+            ),
+            v
+        );
+        assert_eq!(version_of(&base.replace("threads: 1", "threads: 4")), v);
+        assert_eq!(version_of(&format!("{base}\nbatching: {{max_batch_size: 8}}\ntext: {{stride: 16}}")), v);
+        // Each part of the taxonomy moves it.
+        let changed = [
+            base.replace("name: b", "name: c"),
+            base.replace("description: x", "description: y"),
+            base.replace("[{name: a, description: x}, {name: b}]", "[{name: b}, {name: a, description: x}]"),
+            format!("{base}\nmin_score: 0.3"),
+            format!("{base}\ntop_k: 5"),
+            base.replace("multi_label: true", "multi_label: false"),
+            base.replace("templates: ['{label}']", "templates: ['about {label}']"),
+            base.replace("embedding: {", "embedding: {temperature: 0.1, "),
+            base.replace("embedding: {", "embedding: {calibration: {slope: 10.0, bias: -2.0}, "),
+        ];
+        for c in &changed {
+            assert_ne!(version_of(c), v, "{c}");
+        }
+        // Known value: a change of the hashing would make every stored row look stale.
+        assert_eq!(version_of("model: {path: /m}\nlabels: [{name: sport}]"), version_of("labels: [{name: sport}]\nmodel: {path: /other}"));
     }
 
     #[test]

@@ -66,6 +66,7 @@ impl Processor for TaggerProcessor {
             source: Some(item.source),
             language: item.language,
             attributes: item.attributes,
+            taxonomy_version: Some(result.taxonomy_version),
         }])
     }
 }

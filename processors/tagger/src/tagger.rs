@@ -73,6 +73,9 @@ pub struct TagResult {
     pub scores: Vec<Tag>,
     /// Why there are no tags, if there are none.
     pub no_tags_reason: Option<String>,
+    /// The taxonomy the tags were made with ([`TaggerConfig::taxonomy_version`]): the loaded
+    /// taxonomy's, or that of the item's own candidate labels.
+    pub taxonomy_version: String,
 }
 
 /// Why an item could not be tagged.
@@ -108,6 +111,8 @@ struct Labels {
     vectors: Vec<Arc<Vec<f32>>>,
     /// The same labels embedded with the templates of kinds that have their own.
     kind_vectors: HashMap<MediaKind, Vec<Arc<Vec<f32>>>>,
+    /// [`TaggerConfig::taxonomy_version`] of these labels.
+    version: String,
 }
 
 struct Nli {
@@ -236,7 +241,7 @@ impl Tagger {
 
         let mut tagger = Tagger {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(cfg.label_cache.max(1)).unwrap())),
-            taxonomy: std::sync::RwLock::new(Arc::new(Labels { names: vec![], vectors: vec![], kind_vectors: HashMap::new() })),
+            taxonomy: std::sync::RwLock::new(Arc::new(Labels { names: vec![], vectors: vec![], kind_vectors: HashMap::new(), version: String::new() })),
             label_fill: tokio::sync::Mutex::new(()),
             scorer,
             model,
@@ -253,8 +258,9 @@ impl Tagger {
 
     async fn embed_taxonomy(&self, labels: &[crate::config::LabelSpec]) -> Result<Labels, BatchError> {
         let names: Vec<String> = labels.iter().map(|l| l.name.clone()).collect();
+        let version = self.cfg.taxonomy_version(labels);
         if matches!(self.scorer, Scorer::Nli(_)) {
-            return Ok(Labels { names, vectors: vec![], kind_vectors: HashMap::new() });
+            return Ok(Labels { names, vectors: vec![], kind_vectors: HashMap::new(), version });
         }
         let descriptions: Vec<Vec<String>> = labels.iter().map(|l| l.all_descriptions()).collect();
         let vectors = self.embed_labels(&self.cfg.embedding.templates, &names, &descriptions).await?;
@@ -264,7 +270,7 @@ impl Tagger {
                 kind_vectors.insert(*kind, self.embed_labels(templates, &names, &descriptions).await?);
             }
         }
-        Ok(Labels { names, vectors, kind_vectors })
+        Ok(Labels { names, vectors, kind_vectors, version })
     }
 
     /// The fitted labels of every calibration in use, embedded with their kind's templates.
@@ -301,6 +307,11 @@ impl Tagger {
         let next = self.embed_taxonomy(labels).await?;
         *self.taxonomy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         Ok(())
+    }
+
+    /// The taxonomy version of the labels in use ([`TaggerConfig::taxonomy_version`]).
+    pub fn taxonomy_version(&self) -> String {
+        self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).version.clone()
     }
 
     /// Names of the taxonomy labels in use.
@@ -523,15 +534,23 @@ impl Tagger {
             Some(c) => Some(self.check_candidates(c)?),
             None => None,
         };
+        let taxonomy = self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let version = match &labels {
+            Some(l) => {
+                let specs: Vec<crate::config::LabelSpec> = l.iter().map(|n| crate::config::LabelSpec { name: n.clone(), description: None, descriptions: vec![] }).collect();
+                self.cfg.taxonomy_version(&specs)
+            }
+            None => taxonomy.version.clone(),
+        };
+        let untagged = |reason: &str| TagResult { tags: vec![], scores: vec![], no_tags_reason: Some(reason.into()), taxonomy_version: version.clone() };
         let text = req.text();
         if text.trim().is_empty() {
-            return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()) });
+            return Ok(untagged("empty_text"));
         }
         if let Some(lang) = self.unsupported_language(req, &text) {
             tracing::debug!(language = %lang, "item not tagged: unsupported language");
-            return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("unsupported_language".into()) });
+            return Ok(untagged("unsupported_language"));
         }
-        let taxonomy = self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).clone();
         let names: Vec<String> = labels.clone().unwrap_or_else(|| taxonomy.names.clone());
         let ks = self.cfg.for_kind(req.kind);
         let scores = match &self.scorer {
@@ -563,14 +582,14 @@ impl Tagger {
                     Some(s) => s,
                     None => {
                         let Some(doc) = self.embed_for_labels(&text, &vectors, admit).await? else {
-                            return Ok(TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()) });
+                            return Ok(untagged("empty_text"));
                         };
                         self.score(&doc, &vectors, &names, req.kind, ks)
                     }
                 }
             }
         };
-        Ok(self.rank(&names, &scores, ks.min_score))
+        Ok(self.rank(&names, &scores, ks.min_score, version))
     }
 
     fn score(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], kind: MediaKind, ks: KindSettings<'_>) -> Vec<f32> {
@@ -597,7 +616,7 @@ impl Tagger {
         }
     }
 
-    fn rank(&self, names: &[String], scores: &[f32], min_score: f32) -> TagResult {
+    fn rank(&self, names: &[String], scores: &[f32], min_score: f32, taxonomy_version: String) -> TagResult {
         let mut all: Vec<Tag> = names.iter().zip(scores).map(|(l, &s)| Tag { label: l.clone(), score: s }).collect();
         all.sort_by(|a, b| b.score.total_cmp(&a.score));
         let mut tags = all.clone();
@@ -606,7 +625,7 @@ impl Tagger {
             tags.truncate(self.cfg.top_k);
         }
         let reason = tags.is_empty().then(|| "below_min_score".to_string());
-        TagResult { tags, scores: all, no_tags_reason: reason }
+        TagResult { tags, scores: all, no_tags_reason: reason, taxonomy_version }
     }
 
     /// Scores with the semantics of the transformers zero-shot-classification pipeline.

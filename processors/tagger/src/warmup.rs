@@ -140,6 +140,7 @@ pub async fn warm_codec(codec: &Codec, input: &str, output: Option<&str>) {
                 source: None,
                 language: None,
                 attributes: Default::default(),
+                taxonomy_version: None,
             };
             codec.encode(out, &tagged).await?;
         }
