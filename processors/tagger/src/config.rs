@@ -333,8 +333,12 @@ fn default_wait() -> Duration {
 fn default_queue() -> usize {
     1024
 }
+/// Off: on CPU only a process's first two passes are slow (the `cold_shapes` example on an idle
+/// 2-core machine: 93 and 48 ms, then 12 ms for 1 x 12 tokens; a new shape's first pass later is
+/// no slower than its second), and the cold-start sweep saw no gain after ready (p50 52 ms with
+/// and without a 1 s warm-up) for a later ready. A GPU's per-shape kernel selection may want it.
 fn default_warmup() -> Duration {
-    Duration::from_secs(30)
+    Duration::ZERO
 }
 
 impl Default for BatchingSpec {

@@ -100,7 +100,7 @@ pub async fn warm_model(encoder: &TextEncoder, batcher: &Batcher, cfg: &TaggerCo
         "model warmed over the batch shapes"
     );
     if r.skipped > 0 {
-        tracing::warn!(skipped = r.skipped, "warm-up budget (tagging.batching.warmup) spent before every shape ran: the rest warm on first use");
+        tracing::info!(skipped = r.skipped, "warm-up budget (tagging.batching.warmup) spent before every shape ran: the rest warm on first use");
     }
     Ok(r)
 }
