@@ -444,6 +444,10 @@ def main() -> None:
             ma, me = sum(alo) / len(alo), sum(eos) / len(eos)
             out += [f"| mean | {ma:.1f} | {me:.1f} ({me / ma:.2f}x) |", ""]
 
+    e = load("e2e-sweep-accounting.json")
+    if e:
+        out += sweep_section(e, "### The latency budget accounted (`--loads 10,50 --seconds 45 --cold 15`, default configuration, per-step histograms)",
+                             "e2e-sweep-accounting")
     e = load("e2e-sweep-pinned.json")
     if e:
         pin = e.get("pinned", {})
@@ -455,6 +459,10 @@ def main() -> None:
     if e:
         e.setdefault("tagging", "precision fp32, max_batch_tokens 8192, max_wait 10ms (the defaults before this sweep)")
         out += sweep_section(e, "### The same sweep with the previous batching defaults and fp32", "e2e-sweep-fp32")
+    # Written by hand from `scripts/deploy-test --full` (its CSVs are beside it).
+    k8s = RES / "k8s-scaling.md"
+    if k8s.is_file():
+        out += k8s.read_text().rstrip("\n").split("\n") + [""]
 
 
     notes = REPO / "benches" / "NOTES.md"
