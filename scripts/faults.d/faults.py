@@ -807,26 +807,32 @@ def scen_eos_zombie(run_dir, db, n, rate, pause=20):
     try:
         a.start()
         s.wait_ready(["tagger"])
-        th, res = s.produce_async(n, rate)
+        # Paced to last ~30 s: the zombie is resumed while records still flow (at the full rate a
+        # short run is tagged before the freeze and the second tagger has nothing to take over).
+        th, res = s.produce_async(n, min(rate, n / 30))
         s.wait_for(lambda: s.last("tags") >= n // 4, 180, 0.2)
         frozen = freeze_mid_transaction(s, "tagger")
+        frozen_at = time.time()
         s.check(frozen is not None, "the first tagger was stopped inside an open transaction holding records")
         log(f"{s.name}: first tagger SIGSTOPped mid-transaction ({frozen}); starting the second")
         b.start()
         before = len(read_records(s.tags, committed=True))
         took_over = s.wait_for(lambda: len(read_records(s.tags, committed=True)) > before + 50, 120)
         s.check(took_over, "the second tagger took the partitions and committed transactions")
-        time.sleep(max(0, pause - 10))
-        log(f"{s.name}: SIGCONT the first tagger")
+        # Resumed past transaction.timeout.ms (30 s): the broker has aborted the zombie's
+        # transaction and its pending sends time out, the hardest case for the zombie's loop.
+        time.sleep(max(0, pause - 10, frozen_at + 40 - time.time()))
+        log(f"{s.name}: SIGCONT the first tagger after {time.time() - frozen_at:.0f} s stopped")
         a.expected_exit = True  # a fenced zombie may stop (fatal) or rejoin: both are fine, data decides
         a.p.send_signal(signal.SIGCONT)
         th.join()
         if "error" in res:
             raise res["error"]
         s.check(s.wait_for(lambda: len(read_records(s.tags, committed=True)) >= n, 300), f"{n} tagged events visible to read_committed")
-        time.sleep(3)
-        text = a.log.read_text(errors="replace").lower()
-        s.check("transaction aborted" in text or "fenced" in text, "the resumed first tagger was fenced (its log: transaction aborted / fenced)")
+        def fenced():
+            text = a.log.read_text(errors="replace").lower()
+            return "transaction aborted" in text or "fenced" in text
+        s.check(s.wait_for(fenced, 60, 0.5), "the resumed first tagger was fenced within 60 s (its log: transaction aborted / fenced)")
         u, c = len(read_records(s.tags)), len(read_records(s.tags, committed=True))
         s.check(u > c, f"the zombie's records are in the log but aborted: read_uncommitted {u} > read_committed {c}")
         counts = {}
@@ -835,7 +841,9 @@ def scen_eos_zombie(run_dir, db, n, rate, pause=20):
         good = set(res["ids"])
         v = {"tagged": len(good & set(counts)), "rows": None, "lost": len(good - set(counts)), "duplicated": sum(c - 1 for k, c in counts.items() if k in good),
              "missing_sample": sorted(good - set(counts))[:5], "counts": counts}
-        return s.result(n, v, None, {"zombie_exit": a.p.returncode, "tags_uncommitted_committed": (u, c)}, dup_bound=0, dup_why="exactly-once: 0 to read_committed")
+        text = a.log.read_text(errors="replace")
+        how = [w for w, m in (("send failed", "a send in it failed"), ("revoked", "partitions were revoked"), ("fenced", "fenced")) if m in text]
+        return s.result(n, v, None, {"zombie_exit": a.p.returncode, "zombie_saw": how, "tags_uncommitted_committed": (u, c)}, dup_bound=0, dup_why="exactly-once: 0 to read_committed")
     finally:
         s.close(KEEP)
 

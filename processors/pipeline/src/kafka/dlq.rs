@@ -7,7 +7,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use tracing::warn;
 
-use super::record::{backoff, classify_produce_error, Attempt, Shared};
+use super::record::{backoff, classify_produce_error, fails_transaction, Attempt, Done, Shared};
 use crate::dlq::DeadLetter;
 use crate::error::ErrorKind;
 use crate::processor::ProcessError;
@@ -17,13 +17,14 @@ use crate::telemetry::metrics;
 /// Transient failures retry within the transient budget; a refusal (not authorised) is fatal,
 /// since the record could otherwise only be dropped. A letter too large for the dead-letter
 /// topic goes without its value (`error.payload_omitted_bytes`): the original stays in the
-/// source topic at `source.partition`/`source.offset`.
+/// source topic at `source.partition`/`source.offset`. Under exactly-once a failed send ends the
+/// transaction instead of retrying ([`Done::TransactionFailed`]).
 ///
 /// The broker refuses a whole batch when the batch is over the topic's `max.message.bytes`, so a
 /// small letter batched with a large one gets the same "too large" answer. Such a letter is sent
 /// once more alone (every other dead letter of this processor waits), and only a letter refused
 /// on its own loses its payload.
-pub(crate) async fn dead_letter<P>(s: &Shared<P>, msg: &OwnedMessage, kind: ErrorKind, message: &str, schema_id: Option<u32>) -> Result<(), ProcessError> {
+pub(crate) async fn dead_letter<P>(s: &Shared<P>, msg: &OwnedMessage, kind: ErrorKind, message: &str, schema_id: Option<u32>) -> Result<Done, ProcessError> {
     metrics().dead_letters.with_label_values(&[s.name, kind.as_str()]).inc();
     let mut letter = DeadLetter::new(kind, message, s.name, msg.topic(), msg.partition(), msg.offset(), schema_id);
     warn!(processor = s.name, kind = kind.as_str(), error = %letter.message, "poison record → {}", s.spec.dlq);
@@ -48,7 +49,7 @@ pub(crate) async fn dead_letter<P>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
             let _shared = s.dlq_solo.read().await;
             s.producer.send(rec, Duration::from_secs(0)).await
         };
-        let Err((e, _)) = sent else { return Ok(()) };
+        let Err((e, _)) = sent else { return Ok(Done::DeadLettered) };
         match classify_produce_error(&e, &s.spec.dlq) {
             Attempt::Fatal(f) => return Err(f),
             Attempt::Poison { .. } if msg.payload().is_some() && letter.payload_omitted_bytes.is_none() && !solo => {
@@ -63,6 +64,9 @@ pub(crate) async fn dead_letter<P>(s: &Shared<P>, msg: &OwnedMessage, kind: Erro
             }
             Attempt::Poison { message, .. } => {
                 return Err(ProcessError::Fatal(format!("the dead-letter topic {} refused a poison record: {message}", s.spec.dlq)));
+            }
+            Attempt::Retry { .. } if fails_transaction("dead_letter", s.spec.delivery) => {
+                return Ok(Done::TransactionFailed(format!("dead_letter: {e}")));
             }
             Attempt::Retry { .. } => {}
         }

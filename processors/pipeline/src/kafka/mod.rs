@@ -216,6 +216,7 @@ impl<P: Processor> Parts<P> {
             in_flight: FuturesUnordered::new(),
             summary: RunSummary::default(),
             read_again_at: None,
+            txn_failed: None,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::error::ErrorKind;
 use crate::events::Event;
 use crate::processor::{ProcessError, Processor, RecordMeta};
 use crate::telemetry::{metrics, Health};
-use crate::topology::ProcessorSpec;
+use crate::topology::{Delivery, ProcessorSpec};
 
 /// Bytes a produced record carries beyond its key and value (headers, framing), counted when an
 /// output is checked against the producer's `message.max.bytes`.
@@ -47,6 +47,10 @@ pub(crate) enum Done {
     DeadLettered,
     /// Its partition was revoked while it was in flight: the new owner handles it.
     Abandoned,
+    /// Exactly-once: a produce into the open transaction failed. The transaction can only be
+    /// aborted now (every later send in it fails too), so the record is not retried: the loop
+    /// aborts the period and reads its records again.
+    TransactionFailed(String),
 }
 
 /// One try at a record failed.
@@ -64,6 +68,14 @@ pub(crate) enum Attempt {
 pub(crate) fn backoff(attempt: u32) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
     Duration::from_millis(base / 2 + rand::random_range(0..=base / 2))
+}
+
+/// Whether a transient failure at `stage` ends the open transaction instead of being retried:
+/// under exactly-once a failed send (an output or a dead letter) leaves the transaction
+/// abortable only (librdkafka fails every later send in it, e.g. messages timed out while the
+/// process was paused), so retrying the record inside it would fail until the budget is spent.
+pub(crate) fn fails_transaction(stage: &str, delivery: Delivery) -> bool {
+    delivery == Delivery::ExactlyOnce && matches!(stage, "produce" | "dead_letter")
 }
 
 /// The dependency a retrying stage waits on (readiness names it).
@@ -121,7 +133,10 @@ pub(crate) async fn handle<P: Processor>(s: &Shared<P>, msg: OwnedMessage) -> (R
                 return (Ok(done), attempt as u64);
             }
             Err(Attempt::Poison { kind, message, schema_id }) => {
-                return (dead_letter(s, &msg, kind, &message, schema_id).await.map(|()| Done::DeadLettered), attempt as u64);
+                return (dead_letter(s, &msg, kind, &message, schema_id).await, attempt as u64);
+            }
+            Err(Attempt::Retry { stage, message }) if fails_transaction(stage, s.spec.delivery) => {
+                return (Ok(Done::TransactionFailed(format!("{stage}: {message}"))), attempt as u64);
             }
             Err(Attempt::Retry { stage, message }) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
@@ -255,6 +270,18 @@ mod tests {
         }
         // An error without a code (e.g. the producer is gone) retries too.
         assert!(matches!(classify_produce_error(&KafkaError::Canceled, "t"), Attempt::Retry { .. }));
+    }
+
+    #[test]
+    fn under_exactly_once_a_failed_send_ends_the_transaction_instead_of_retrying() {
+        for stage in ["produce", "dead_letter"] {
+            assert!(fails_transaction(stage, Delivery::ExactlyOnce), "{stage}");
+            assert!(!fails_transaction(stage, Delivery::AtLeastOnce), "{stage}: at-least-once retries the record");
+        }
+        // Failures before anything is sent (registry, model) retry in either mode.
+        for stage in ["decode", "encode", "process"] {
+            assert!(!fails_transaction(stage, Delivery::ExactlyOnce), "{stage}");
+        }
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub(crate) struct Runner<P: Processor, K> {
     pub summary: RunSummary,
     /// After a consumer error: when to read again.
     pub read_again_at: Option<tokio::time::Instant>,
+    /// Exactly-once: why the open transaction failed (a send in it did); the period ends at once
+    /// and is aborted.
+    pub txn_failed: Option<String>,
 }
 
 impl<P: Processor, K: Commit> Runner<P, K> {
@@ -161,12 +164,18 @@ impl<P: Processor, K: Commit> Runner<P, K> {
                 break;
             }
             // Stop admitting; finish the period's records.
-            result = self.drain(self.progress.commit.drain_limit()).await;
-            if result.is_err() {
-                break;
+            if self.txn_failed.is_none() {
+                result = self.drain(self.progress.commit.drain_limit()).await;
+                if result.is_err() {
+                    break;
+                }
             }
             self.take_rebalance_events();
-            match self.progress.commit.commit().await {
+            let committed = match self.txn_failed.take() {
+                Some(why) => Err(CommitError::Abortable(anyhow::anyhow!("a send in it failed ({why})"))),
+                None => self.progress.commit.commit().await,
+            };
+            match committed {
                 Ok(()) => {}
                 Err(CommitError::Abortable(e)) => {
                     warn!(processor = self.name, error = %e, "transaction aborted: rewinding to the last committed offsets");
@@ -222,6 +231,9 @@ impl<P: Processor, K: Commit> Runner<P, K> {
                 Some(ev) = self.events.recv() => self.on_rebalance(ev),
                 Some(c) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.account(c)?;
+                    if self.txn_failed.is_some() {
+                        return Ok(());
+                    }
                 }
                 _ = shutdown.cancelled() => {
                     info!(processor = self.name, in_flight = self.in_flight.len(), "shutdown requested: draining");
@@ -385,6 +397,13 @@ impl<P: Processor, K: Commit> Runner<P, K> {
                 m.records.with_label_values(&[name, "abandoned"]).inc();
                 None
             }
+            Ok(Done::TransactionFailed(why)) => {
+                // Not handled either: the aborted transaction's records are read again.
+                self.summary.abandoned += 1;
+                m.records.with_label_values(&[name, "abandoned"]).inc();
+                self.txn_failed.get_or_insert(why);
+                None
+            }
             Ok(Done::Handled) => {
                 self.summary.processed += 1;
                 Some("ok")
@@ -444,6 +463,10 @@ impl<P: Processor, K: Commit> Runner<P, K> {
                         if fatal.is_ok() {
                             fatal = Err(e);
                         }
+                    }
+                    if self.txn_failed.is_some() {
+                        // The transaction is lost anyway: abort it now, not after the rest.
+                        break;
                     }
                 }
                 Ok(None) => break,
