@@ -469,6 +469,7 @@ fn tagged(id: &str, tags: &[(&str, f32)], offset: i64) -> MediaTagged {
         language: Some("en".into()),
         attributes: HashMap::from([("season".into(), "2".into())]),
         taxonomy_version: None,
+        embedding: None,
     }
 }
 

@@ -134,6 +134,13 @@ pub enum ApiAction {
 
 #[derive(Debug, Args)]
 pub struct RetagArgs {
+    /// Recompute tags from the embeddings the sink stored (`tagging.store_embeddings`) with the
+    /// current taxonomy, without running the model over the text, and produce them to the tags
+    /// topic. Items whose stored rows cannot answer (another model or windowing, or a part the
+    /// current settings need that was not read) are re-sent to the ingest topic instead (their
+    /// records must still be retained there); the command says how many.
+    #[arg(long, conflicts_with_all = ["since", "offsets", "from_beginning", "rate"])]
+    pub from_embeddings: bool,
     /// Start at this time: RFC 3339 (2026-01-31T00:00:00Z), ms since the epoch, or an age (2h).
     #[arg(long, conflicts_with_all = ["offsets", "from_beginning"])]
     pub since: Option<String>,

@@ -33,6 +33,7 @@ fn tagged(id: &str, label: &str) -> MediaTagged {
         language: None,
         attributes: HashMap::new(),
         taxonomy_version: None,
+        embedding: None,
     }
 }
 

@@ -70,6 +70,26 @@ impl MediaKind {
     }
 }
 
+impl std::str::FromStr for MediaKind {
+    type Err = String;
+    /// From the Avro symbol ([`MediaKind::as_str`]).
+    fn from_str(s: &str) -> Result<Self, String> {
+        const ALL: [MediaKind; 10] = [
+            MediaKind::Video,
+            MediaKind::Episode,
+            MediaKind::Movie,
+            MediaKind::Clip,
+            MediaKind::Trailer,
+            MediaKind::Live,
+            MediaKind::Podcast,
+            MediaKind::Article,
+            MediaKind::Attraction,
+            MediaKind::Other,
+        ];
+        ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| format!("unknown media kind '{s}'"))
+    }
+}
+
 /// One media item to tag (`media.ingested`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MediaIngested {
@@ -196,6 +216,54 @@ pub struct MediaTagged {
     /// the tags are stale after a change.
     #[serde(default)]
     pub taxonomy_version: Option<String>,
+    /// What the model read of the item (`tagging.store_embeddings`; null when off, for the NLI
+    /// strategy, and in events written before it was carried). The sink stores it in
+    /// `media_embeddings`.
+    #[serde(default)]
+    pub embedding: Option<ItemEmbedding>,
+}
+
+/// The window embeddings an item was scored from, with what adaptive compute decided on: enough
+/// to score it again under another taxonomy without the model (`retag --from-embeddings`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemEmbedding {
+    /// Model and windowing the rows were computed with; rows of another version are not reused.
+    pub embedding_version: String,
+    /// Hash of the title + description and the whole text that were read.
+    pub text_hash: String,
+    /// Floats per row.
+    pub dim: i32,
+    /// Rows of the lead (title + description), when adaptive compute read it: little-endian f32.
+    #[serde(default, with = "apache_avro::serde::bytes_opt")]
+    pub lead: Option<Vec<u8>>,
+    /// Rows of the whole text's windows, when it was read: little-endian f32.
+    #[serde(default, with = "apache_avro::serde::bytes_opt")]
+    pub windows: Option<Vec<u8>>,
+    /// Informative tokens of title + description (null: no description).
+    #[serde(default)]
+    pub lead_evidence: Option<i32>,
+    /// Whether the item had a transcript.
+    pub has_body: bool,
+    /// The item's own candidate labels, when it had them.
+    #[serde(default)]
+    pub candidate_labels: Option<Vec<String>>,
+}
+
+/// Rows of equal length as little-endian f32 bytes (the `bytes` of [`ItemEmbedding`]).
+pub fn rows_to_bytes(rows: &[Vec<f32>]) -> Vec<u8> {
+    rows.iter().flatten().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The rows of [`rows_to_bytes`] back, `dim` floats each.
+pub fn rows_from_bytes(bytes: &[u8], dim: usize) -> Result<Vec<Vec<f32>>, String> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    if dim == 0 || !bytes.len().is_multiple_of(4 * dim) {
+        return Err(format!("{} bytes are not rows of {dim} f32", bytes.len()));
+    }
+    let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(floats.chunks(dim).map(<[f32]>::to_vec).collect())
 }
 
 impl Event for MediaTagged {
@@ -261,6 +329,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kinds_parse_from_their_symbol() {
+        for k in ["VIDEO", "EPISODE", "MOVIE", "CLIP", "TRAILER", "LIVE", "PODCAST", "ARTICLE", "ATTRACTION", "OTHER"] {
+            assert_eq!(k.parse::<MediaKind>().unwrap().as_str(), k);
+        }
+        assert!("video".parse::<MediaKind>().is_err());
+    }
+
+    #[test]
     fn as_str_is_the_serde_and_avro_name() {
         for k in [
             MediaKind::Video,
@@ -314,7 +390,29 @@ mod tests {
             language: None,
             attributes: HashMap::from([("season".into(), "2".into())]),
             taxonomy_version: Some("tx-0123456789ab".into()),
+            embedding: None,
         }
+    }
+
+    fn sample_embedding() -> ItemEmbedding {
+        ItemEmbedding {
+            embedding_version: "ev-0123456789abcdef".into(),
+            text_hash: "th-00".into(),
+            dim: 2,
+            lead: None,
+            windows: Some(rows_to_bytes(&[vec![0.5, -0.25], vec![1.0, 0.0]])),
+            lead_evidence: Some(7),
+            has_body: true,
+            candidate_labels: None,
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_through_bytes() {
+        let rows = vec![vec![0.1f32, -2.5, 3.25], vec![f32::MIN_POSITIVE, 0.0, 1e-7]];
+        assert_eq!(rows_from_bytes(&rows_to_bytes(&rows), 3).unwrap(), rows);
+        assert!(rows_from_bytes(&[0u8; 10], 3).unwrap_err().contains("not rows of 3"));
+        assert!(rows_from_bytes(&[], 3).unwrap().is_empty());
     }
 
     /// `MediaTagged` written before title/source/language/attributes/taxonomy_version were
@@ -323,17 +421,17 @@ mod tests {
     #[test]
     fn media_tagged_reads_events_without_carried_fields() {
         let mut json: serde_json::Value = serde_json::from_str(MEDIA_TAGGED_AVSC).unwrap();
-        let carried = ["title", "source", "language", "attributes", "taxonomy_version"];
+        let carried = ["title", "source", "language", "attributes", "taxonomy_version", "embedding"];
         json["fields"].as_array_mut().unwrap().retain(|f| !carried.contains(&f["name"].as_str().unwrap()));
         let old = Schema::parse(&json).unwrap();
-        let e = sample_tagged();
+        let e = MediaTagged { embedding: Some(sample_embedding()), ..sample_tagged() };
         let v = apache_avro::to_value(&e).unwrap();
         let apache_avro::types::Value::Record(fields) = v else { panic!("record") };
         let old_value = apache_avro::types::Value::Record(fields.into_iter().filter(|(k, _)| !carried.contains(&k.as_str())).collect());
         let bytes = to_avro_datum(&old, old_value.resolve(&old).unwrap()).unwrap();
         let read = from_avro_datum(&old, &mut bytes.as_slice(), Some(MediaTagged::schema())).unwrap();
         let back: MediaTagged = avro::from_value(read).unwrap();
-        assert_eq!(back, MediaTagged { title: None, source: None, language: None, attributes: HashMap::new(), taxonomy_version: None, ..e });
+        assert_eq!(back, MediaTagged { title: None, source: None, language: None, attributes: HashMap::new(), taxonomy_version: None, embedding: None, ..e });
     }
 
     fn round_trip<E: Event + PartialEq + std::fmt::Debug>(event: E) {
@@ -353,6 +451,10 @@ mod tests {
     fn media_tagged_matches_its_schema() {
         round_trip(sample_tagged());
         round_trip(MediaTagged { tags: vec![], no_tags_reason: Some("empty_text".into()), ..sample_tagged() });
+        round_trip(MediaTagged { embedding: Some(sample_embedding()), ..sample_tagged() });
+        let lead_only =
+            ItemEmbedding { lead: Some(rows_to_bytes(&[vec![1.0, 2.0]])), windows: None, lead_evidence: None, candidate_labels: Some(vec!["x".into()]), ..sample_embedding() };
+        round_trip(MediaTagged { embedding: Some(lead_only), ..sample_tagged() });
     }
 
     /// Every schema field is present in the serialized Rust type and vice versa.

@@ -283,3 +283,76 @@ mod tests {
         assert!(used.iter().all(|b| (0..BY_TAG_BUCKETS).contains(b)));
     }
 }
+
+/// One `media_embeddings` row, in the statement's column order.
+#[derive(scylla::DeserializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+struct EmbeddingRow {
+    media_id: String,
+    embedding_version: Option<String>,
+    model: Option<String>,
+    text_hash: Option<String>,
+    dim: Option<i32>,
+    lead: Option<Vec<u8>>,
+    windows: Option<Vec<u8>>,
+    lead_evidence: Option<i32>,
+    has_body: Option<bool>,
+    candidate_labels: Option<Vec<String>>,
+    kind: Option<String>,
+    title: Option<String>,
+    source: Option<String>,
+    language: Option<String>,
+    attributes: Option<HashMap<String, String>>,
+    ingested_at: Option<CqlTimestamp>,
+    tagged_at: Option<CqlTimestamp>,
+    source_topic: Option<String>,
+    source_partition: Option<i32>,
+    source_offset: Option<i64>,
+}
+
+/// Every row of `media_embeddings` (a paged full scan) as the tagged event it was stored from:
+/// the carried fields and `embedding`, with no tags (a retag computes them). The model is the
+/// stored `name@version`.
+pub async fn stored_embeddings(
+    session: &Session,
+    keyspace: &str,
+) -> anyhow::Result<impl futures::Stream<Item = anyhow::Result<streamoasis_pipeline::events::MediaTagged>> + use<>> {
+    use streamoasis_pipeline::events::{ItemEmbedding, Lineage, MediaKind, MediaTagged, ModelRef, Strategy};
+    let q = format!(
+        "SELECT media_id, embedding_version, model, text_hash, dim, lead, windows, lead_evidence, has_body, candidate_labels, \
+         kind, title, source, language, attributes, ingested_at, tagged_at, source_topic, source_partition, source_offset FROM {keyspace}.media_embeddings"
+    );
+    let rows = session.query_iter(q, ()).await?.rows_stream::<EmbeddingRow>()?;
+    Ok(rows.map(|r| {
+        let r = r?;
+        let model = r.model.unwrap_or_default();
+        let (name, version) = model.rsplit_once('@').unwrap_or((model.as_str(), ""));
+        let kind: MediaKind = r.kind.and_then(|k| k.parse().ok()).unwrap_or_default();
+        Ok(MediaTagged {
+            media_id: r.media_id,
+            kind,
+            tags: vec![],
+            no_tags_reason: None,
+            strategy: Strategy::Embedding,
+            model: ModelRef { name: name.to_string(), version: version.to_string() },
+            ingested_at: r.ingested_at.map_or(0, |t| t.0),
+            tagged_at: r.tagged_at.map_or(0, |t| t.0),
+            lineage: Lineage { topic: r.source_topic.unwrap_or_default(), partition: r.source_partition.unwrap_or(-1), offset: r.source_offset.unwrap_or(-1) },
+            title: r.title,
+            source: r.source,
+            language: r.language,
+            attributes: r.attributes.unwrap_or_default(),
+            taxonomy_version: None,
+            embedding: Some(ItemEmbedding {
+                embedding_version: r.embedding_version.unwrap_or_default(),
+                text_hash: r.text_hash.unwrap_or_default(),
+                dim: r.dim.unwrap_or(0),
+                lead: r.lead,
+                windows: r.windows,
+                lead_evidence: r.lead_evidence,
+                has_body: r.has_body.unwrap_or(false),
+                candidate_labels: r.candidate_labels,
+            }),
+        })
+    }))
+}

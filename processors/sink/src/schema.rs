@@ -39,7 +39,22 @@ pub fn statements(c: &SinkConfig) -> Vec<String> {
              source_topic text, source_partition int, source_offset bigint)"
         ),
         by_tag_table(ks),
+        embeddings_table(ks),
     ]
+}
+
+/// What the model read of each item (`tagging.store_embeddings`), with the fields a tagged event
+/// carries, so `retag --from-embeddings` can emit events from this table alone.
+pub fn embeddings_table(ks: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.media_embeddings (\
+         media_id text PRIMARY KEY, \
+         embedding_version text, model text, text_hash text, dim int, lead blob, windows blob, \
+         lead_evidence int, has_body boolean, candidate_labels list<text>, \
+         kind text, title text, source text, language text, attributes map<text, text>, \
+         ingested_at timestamp, tagged_at timestamp, \
+         source_topic text, source_partition int, source_offset bigint)"
+    )
 }
 
 /// The bucketed by-tag table (see the crate docs).
@@ -81,6 +96,7 @@ pub async fn apply(session: &Session, c: &SinkConfig) -> anyhow::Result<Vec<Stri
         session.query_unpaged(format!("DROP TABLE {ks}.media_by_tag"), ()).await?;
     }
     session.query_unpaged(by_tag_table(ks), ()).await?;
+    session.query_unpaged(embeddings_table(ks), ()).await?;
     if migrate {
         let n = crate::read::rebuild_by_tag(session, ks).await?;
         changes.push(format!("migrated  {ks}.media_by_tag to (tag, bucket) partitions: {n} rows rebuilt from media_tags"));

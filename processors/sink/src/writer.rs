@@ -25,7 +25,35 @@ pub struct TagWriter {
     by_tag: PreparedStatement,
     unlink: PreparedStatement,
     carry: PreparedStatement,
+    embed: PreparedStatement,
     permits: Semaphore,
+}
+
+/// The values of one `media_embeddings` insert, in the statement's order.
+#[derive(scylla::SerializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+struct EmbeddingRow<'a> {
+    media_id: &'a str,
+    embedding_version: &'a str,
+    model: &'a str,
+    text_hash: &'a str,
+    dim: i32,
+    lead: Option<&'a [u8]>,
+    windows: Option<&'a [u8]>,
+    lead_evidence: Option<i32>,
+    has_body: bool,
+    candidate_labels: Option<&'a [String]>,
+    kind: &'a str,
+    title: Option<&'a str>,
+    source: Option<&'a str>,
+    language: Option<&'a str>,
+    attributes: &'a HashMap<String, String>,
+    ingested_at: CqlTimestamp,
+    tagged_at: CqlTimestamp,
+    source_topic: &'a str,
+    source_partition: i32,
+    source_offset: i64,
+    ts_us: i64,
 }
 
 impl std::fmt::Debug for TagWriter {
@@ -69,6 +97,17 @@ pub fn classify(what: &str, e: &scylla::errors::ExecutionError) -> WriteError {
 /// as the rule in the crate docs says.
 pub fn version_of(e: &MediaTagged) -> (i64, i32, i64) {
     (e.ingested_at, e.lineage.partition, e.lineage.offset)
+}
+
+/// The same input tagged again (`retag --from-embeddings` emits events with the stored item's
+/// version and a newer `tagged_at`): its writes must win over the row's, whose cells carry the
+/// version's own timestamp, so they go one microsecond after the row's last write. `None` when
+/// the event is not a newer tagging of the stored input (its version's timestamp stands).
+pub fn rescore_timestamp(same_version: bool, stored_tagged_at: Option<i64>, stored_written_us: Option<i64>, tagged_at: i64) -> Option<i64> {
+    match (same_version, stored_tagged_at, stored_written_us) {
+        (true, Some(stored), Some(written)) if tagged_at > stored => Some(written.saturating_add(1)),
+        _ => None,
+    }
 }
 
 /// The CQL write timestamp (µs) of an event's version.
@@ -116,11 +155,17 @@ impl TagWriter {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
-            read_tags: prep(format!("SELECT tags, ingested_at, source_partition, source_offset FROM {ks}.media_tags WHERE media_id = ?")).await?,
+            read_tags: prep(format!("SELECT tags, ingested_at, source_partition, source_offset, tagged_at, WRITETIME(kind) FROM {ks}.media_tags WHERE media_id = ?")).await?,
             by_tag: prep(format!("INSERT INTO {ks}.media_by_tag (tag, bucket, score, media_id, tagged_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?,
             unlink: prep(format!("DELETE FROM {ks}.media_by_tag USING TIMESTAMP ? WHERE tag = ? AND bucket = ? AND score = ? AND media_id = ?")).await?,
             carry: prep(format!("UPDATE {ks}.media_tags USING TIMESTAMP ? SET title = ?, source = ?, language = ?, attributes = ?, taxonomy_version = ? WHERE media_id = ?"))
                 .await?,
+            embed: prep(format!(
+                "INSERT INTO {ks}.media_embeddings (media_id, embedding_version, model, text_hash, dim, lead, windows, lead_evidence, has_body, candidate_labels, \
+                 kind, title, source, language, attributes, ingested_at, tagged_at, source_topic, source_partition, source_offset) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
             permits: Semaphore::new(c.concurrency),
             session,
         })
@@ -146,9 +191,9 @@ impl TagWriter {
 
     async fn write_inner(&self, e: &MediaTagged) -> Result<bool, WriteError> {
         let _permit = self.permits.acquire().await.map_err(|e| WriteError::Fatal(e.to_string()))?;
-        let ts_us = write_timestamp(e);
+        let mut ts_us = write_timestamp(e);
         let read = |x: &dyn std::fmt::Display| WriteError::Unavailable(format!("read previous tags: {x}"));
-        type Stored = (Option<HashMap<String, f32>>, Option<CqlTimestamp>, Option<i32>, Option<i64>);
+        type Stored = (Option<HashMap<String, f32>>, Option<CqlTimestamp>, Option<i32>, Option<i64>, Option<CqlTimestamp>, Option<i64>);
         let stored = self
             .session
             .execute_unpaged(&self.read_tags, (&e.media_id,))
@@ -158,10 +203,14 @@ impl TagWriter {
             .map_err(|x| read(&x))?
             .maybe_first_row::<Stored>()
             .map_err(|x| read(&x))?;
-        if let Some((_, Some(CqlTimestamp(at)), part, off)) = &stored {
-            if (*at, part.unwrap_or(-1), off.unwrap_or(-1)) > version_of(e) {
+        if let Some((_, Some(CqlTimestamp(at)), part, off, tagged, written)) = &stored {
+            let version = (*at, part.unwrap_or(-1), off.unwrap_or(-1));
+            if version > version_of(e) {
                 // A replay or a late, older event: the stored tags are newer and stay.
                 return Ok(false);
+            }
+            if let Some(t) = rescore_timestamp(version == version_of(e), tagged.map(|t| t.0), *written, e.tagged_at) {
+                ts_us = t;
             }
         }
         let previous: HashMap<String, f32> = stored.and_then(|(m, ..)| m).unwrap_or_default();
@@ -192,9 +241,53 @@ impl TagWriter {
         // Fields carried from the input (title, source, language, attributes) for the read path,
         // and the taxonomy version (which rows a taxonomy change made stale).
         let carry = self.session.execute_unpaged(&self.carry, (ts_us, &e.title, &e.source, &e.language, &e.attributes, &e.taxonomy_version, &e.media_id));
-        let (main, carry) = tokio::join!(main, carry);
+        // What the model read (tagging.store_embeddings), for retag --from-embeddings. Events
+        // without it (the option off, a retag from embeddings) leave a stored row as it is.
+        let embed = async {
+            let Some(m) = &e.embedding else { return Ok(()) };
+            let row = EmbeddingRow {
+                media_id: &e.media_id,
+                embedding_version: &m.embedding_version,
+                model: &model,
+                text_hash: &m.text_hash,
+                dim: m.dim,
+                lead: m.lead.as_deref(),
+                windows: m.windows.as_deref(),
+                lead_evidence: m.lead_evidence,
+                has_body: m.has_body,
+                candidate_labels: m.candidate_labels.as_deref(),
+                kind,
+                title: e.title.as_deref(),
+                source: e.source.as_deref(),
+                language: e.language.as_deref(),
+                attributes: &e.attributes,
+                ingested_at: CqlTimestamp(e.ingested_at),
+                tagged_at,
+                source_topic: &e.lineage.topic,
+                source_partition: e.lineage.partition,
+                source_offset: e.lineage.offset,
+                ts_us,
+            };
+            self.session.execute_unpaged(&self.embed, row).await.map(|_| ())
+        };
+        let (main, carry, embed) = tokio::join!(main, carry, embed);
         main.map_err(|x| classify("write media_tags", &x))?;
         carry.map_err(|x| classify("write media_tags", &x))?;
+        embed.map_err(|x| classify("write media_embeddings", &x))?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rescore_timestamp;
+
+    #[test]
+    fn a_newer_tagging_of_the_stored_input_writes_after_the_row_and_nothing_else_does() {
+        assert_eq!(rescore_timestamp(true, Some(100), Some(5_000), 200), Some(5_001), "a re-score goes after the row's last write");
+        assert_eq!(rescore_timestamp(true, Some(200), Some(5_000), 200), None, "a replay of the same event keeps its version's timestamp");
+        assert_eq!(rescore_timestamp(true, Some(300), Some(5_000), 200), None, "an older tagging does not win");
+        assert_eq!(rescore_timestamp(false, Some(100), Some(5_000), 200), None, "a newer input has its own, later timestamp");
+        assert_eq!(rescore_timestamp(true, None, Some(5_000), 200), None);
     }
 }

@@ -38,6 +38,7 @@ fn event(id: &str, tagged_at: i64, tags: &[(&str, f32)]) -> MediaTagged {
         language: None,
         attributes: HashMap::new(),
         taxonomy_version: None,
+        embedding: None,
     }
 }
 

@@ -496,6 +496,12 @@ pub struct TaggingSpec {
     /// Dynamic batching.
     #[serde(default)]
     pub batching: BatchingSpec,
+    /// Carry what the model read of each item (its window embeddings) in the tagged event, so
+    /// the sink stores it in `media_embeddings` and `streamoasis retag --from-embeddings` can
+    /// re-score items after a taxonomy change without the model. Embedding strategy only. Off
+    /// by default: it makes a tagged event several times larger (see docs/embeddings.md).
+    #[serde(default)]
+    pub store_embeddings: bool,
     /// The label taxonomy.
     pub labels: Vec<LabelSpec>,
 }
@@ -567,6 +573,9 @@ impl TaggingSpec {
         let err = |key: &str, msg: String| Err(ConfigError::new(format!("{origin}: tagging.{key}"), msg));
         if self.labels.is_empty() {
             return err("labels", "the taxonomy is empty: list at least one label (name + optional description)".into());
+        }
+        if self.store_embeddings && self.strategy == StrategyKind::Nli {
+            return err("store_embeddings", "the nli strategy computes no item embeddings: turn store_embeddings off or use strategy: embedding".into());
         }
         if self.labels.len() > self.max_labels {
             return err("labels", format!("{} labels exceed tagging.max_labels ({}); raise max_labels or trim the taxonomy", self.labels.len(), self.max_labels));

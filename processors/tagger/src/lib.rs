@@ -88,4 +88,4 @@ pub async fn reload_labels(path: &std::path::Path, tagger: &Tagger) -> anyhow::R
     Ok(cfg.labels.len())
 }
 pub use processor::TaggerProcessor;
-pub use tagger::{TagRequest, TagResult, Tagger};
+pub use tagger::{text_hash, ItemEmbedding, TagRequest, TagResult, Tagger};

@@ -67,6 +67,7 @@ impl Processor for TaggerProcessor {
             language: item.language,
             attributes: item.attributes,
             taxonomy_version: Some(result.taxonomy_version),
+            embedding: result.embedding.map(|e| e.to_event(item.candidate_labels)),
         }])
     }
 }

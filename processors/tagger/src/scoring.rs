@@ -312,13 +312,18 @@ pub fn informative_tokens(text: &str) -> usize {
 /// tokens. `min_tokens == 0` turns the evidence check off (the margin alone decides, the rule
 /// before it existed).
 pub fn lead_has_evidence(title: &str, description: Option<&str>, min_tokens: usize) -> bool {
-    if min_tokens == 0 {
-        return true;
-    }
-    let Some(d) = description.map(str::trim).filter(|d| !d.is_empty()) else {
-        return false;
-    };
-    informative_tokens(title) + informative_tokens(d) >= min_tokens
+    evidence_suffices(lead_evidence(title, description), min_tokens)
+}
+
+/// Informative tokens of title + description; None when there is no description.
+pub fn lead_evidence(title: &str, description: Option<&str>) -> Option<usize> {
+    let d = description.map(str::trim).filter(|d| !d.is_empty())?;
+    Some(informative_tokens(title) + informative_tokens(d))
+}
+
+/// [`lead_has_evidence`] from the counted evidence ([`lead_evidence`]).
+pub fn evidence_suffices(evidence: Option<usize>, min_tokens: usize) -> bool {
+    min_tokens == 0 || evidence.is_some_and(|n| n >= min_tokens)
 }
 
 /// Adaptive compute's whole rule: evidence in the lead ([`lead_has_evidence`]) and a margin of

@@ -76,6 +76,103 @@ pub struct TagResult {
     /// The taxonomy the tags were made with ([`TaggerConfig::taxonomy_version`]): the loaded
     /// taxonomy's, or that of the item's own candidate labels.
     pub taxonomy_version: String,
+    /// What the model read of the item, when `tagging.store_embeddings` is on (embedding
+    /// strategy only): enough to score it again under another taxonomy without the model.
+    pub embedding: Option<ItemEmbedding>,
+}
+
+/// What the embedding strategy read of one item: the window embeddings its scores were computed
+/// from and the facts adaptive compute decided on. With it, [`Tagger::tag_from_embedding`]
+/// scores the item under the current taxonomy exactly as [`Tagger::tag`] would, without the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemEmbedding {
+    /// [`Tagger::embedding_version`] of the tagger that computed the rows.
+    pub embedding_version: String,
+    /// [`text_hash`] of the title + description and the whole text.
+    pub text_hash: String,
+    /// Window embeddings of the lead (title + description), when adaptive compute read it.
+    pub lead: Option<Vec<Vec<f32>>>,
+    /// Window embeddings of the whole text, when it was read (not when the lead decided).
+    pub windows: Option<Vec<Vec<f32>>>,
+    /// Informative tokens of title + description (None: the item has no description).
+    pub lead_evidence: Option<usize>,
+    /// Whether the item has a transcript (adaptive compute reads the lead first only then).
+    pub has_body: bool,
+}
+
+impl ItemEmbedding {
+    /// As carried in a tagged event, with the item's own candidate labels.
+    pub fn to_event(&self, candidate_labels: Option<Vec<String>>) -> streamoasis_pipeline::events::ItemEmbedding {
+        use streamoasis_pipeline::events::rows_to_bytes;
+        let dim = self.lead.iter().chain(&self.windows).flatten().next().map_or(0, Vec::len);
+        streamoasis_pipeline::events::ItemEmbedding {
+            embedding_version: self.embedding_version.clone(),
+            text_hash: self.text_hash.clone(),
+            dim: dim as i32,
+            lead: self.lead.as_deref().map(rows_to_bytes),
+            windows: self.windows.as_deref().map(rows_to_bytes),
+            lead_evidence: self.lead_evidence.map(|n| n.min(i32::MAX as usize) as i32),
+            has_body: self.has_body,
+            candidate_labels,
+        }
+    }
+
+    /// From a tagged event's (or a stored row's) form.
+    pub fn from_event(e: &streamoasis_pipeline::events::ItemEmbedding) -> Result<Self, String> {
+        use streamoasis_pipeline::events::rows_from_bytes;
+        let dim = usize::try_from(e.dim).map_err(|_| format!("dim {} is negative", e.dim))?;
+        Ok(ItemEmbedding {
+            embedding_version: e.embedding_version.clone(),
+            text_hash: e.text_hash.clone(),
+            lead: e.lead.as_deref().map(|b| rows_from_bytes(b, dim)).transpose()?,
+            windows: e.windows.as_deref().map(|b| rows_from_bytes(b, dim)).transpose()?,
+            lead_evidence: e.lead_evidence.and_then(|n| usize::try_from(n).ok()),
+            has_body: e.has_body,
+        })
+    }
+}
+
+/// A stable hash of the text an item is read from: its lead and its whole text
+/// (`th-` and 32 hex digits of SHA-256). Equal hashes, equal text.
+pub fn text_hash(req: &TagRequest) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(req.lead().as_bytes());
+    h.update([0u8]);
+    h.update(req.text().as_bytes());
+    let hex: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("th-{hex}")
+}
+
+/// Which rows the scoring decision needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Lead,
+    Text,
+}
+
+/// The rows read so far for one item.
+#[derive(Default)]
+struct Read {
+    lead: Option<Vec<Vec<f32>>>,
+    windows: Option<Vec<Vec<f32>>>,
+}
+
+/// One step of the embedding strategy's decision over the rows read so far.
+enum Step {
+    Need(Part),
+    /// The scores (None: the text had no windows).
+    Done(Option<Vec<f32>>),
+}
+
+/// What the embedding decision looks at besides the rows.
+struct ScoreCtx<'a> {
+    lead_evidence: Option<usize>,
+    has_body: bool,
+    vectors: &'a [Arc<Vec<f32>>],
+    names: &'a [String],
+    kind: MediaKind,
+    ks: KindSettings<'a>,
 }
 
 /// Why an item could not be tagged.
@@ -406,12 +503,6 @@ impl Tagger {
         admit.infer(&e.batcher, windows).await
     }
 
-    /// Embed a text for scoring against `labels`: its windows pooled as `text.pooling` says.
-    async fn embed_for_labels(&self, text: &str, labels: &[Arc<Vec<f32>>], admit: Admit) -> Result<Option<Vec<f32>>, BatchError> {
-        let rows = self.embed_windows(text, admit).await?;
-        Ok((!rows.is_empty()).then(|| crate::scoring::pool(&rows, labels, self.cfg.text.pooling)))
-    }
-
     async fn embed_labels(&self, templates: &[String], names: &[String], descriptions: &[Vec<String>]) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
         let per_label: Vec<Vec<String>> = names.iter().zip(descriptions).map(|(n, d)| label_prompts_with(templates, n, d)).collect();
         let flat: Vec<String> = per_label.iter().flatten().cloned().collect();
@@ -542,7 +633,7 @@ impl Tagger {
             }
             None => taxonomy.version.clone(),
         };
-        let untagged = |reason: &str| TagResult { tags: vec![], scores: vec![], no_tags_reason: Some(reason.into()), taxonomy_version: version.clone() };
+        let untagged = |reason: &str| TagResult { tags: vec![], scores: vec![], no_tags_reason: Some(reason.into()), taxonomy_version: version.clone(), embedding: None };
         let text = req.text();
         if text.trim().is_empty() {
             return Ok(untagged("empty_text"));
@@ -553,43 +644,154 @@ impl Tagger {
         }
         let names: Vec<String> = labels.clone().unwrap_or_else(|| taxonomy.names.clone());
         let ks = self.cfg.for_kind(req.kind);
-        let scores = match &self.scorer {
-            Scorer::Nli(nli) => self.nli_scores(nli, &text, &names, admit).await?,
+        let (scores, embedding) = match &self.scorer {
+            Scorer::Nli(nli) => (self.nli_scores(nli, &text, &names, admit).await?, None),
             Scorer::Embedding(_) => {
-                let vectors = match &labels {
-                    Some(l) => self.candidate_vectors(req.kind, l).await?,
-                    None => match taxonomy.kind_vectors.get(&req.kind) {
-                        Some(v) => v.clone(),
-                        None => taxonomy.vectors.clone(),
-                    },
+                let vectors = self.label_vectors(&taxonomy, req.kind, labels.as_deref()).await?;
+                let ctx = ScoreCtx {
+                    lead_evidence: crate::scoring::lead_evidence(&req.title, req.description.as_deref()),
+                    has_body: req.transcript.as_deref().is_some_and(|t| !t.trim().is_empty()),
+                    vectors: &vectors,
+                    names: &names,
+                    kind: req.kind,
+                    ks,
                 };
-                let t = &self.cfg.text;
-                let has_more = req.transcript.as_deref().is_some_and(|t| !t.trim().is_empty());
-                let mut scored = None;
-                // Adaptive compute: the lead alone decides only with evidence (a description,
-                // enough informative tokens) and a calibrated margin; "Episode 12" never does.
-                let lead_has_evidence = crate::scoring::lead_has_evidence(&req.title, req.description.as_deref(), t.min_evidence_tokens);
-                if t.adaptive_margin > 0.0 && has_more && lead_has_evidence {
-                    let lead = req.lead();
-                    if let Some(doc) = self.embed_for_labels(&lead, &vectors, admit).await? {
-                        let s = self.score(&doc, &vectors, &names, req.kind, ks);
-                        if crate::scoring::lead_is_decisive(&req.title, req.description.as_deref(), t.min_evidence_tokens, top2_margin(&s), t.adaptive_margin) {
-                            scored = Some(s);
-                        }
+                let lead = req.lead();
+                let mut read = Read::default();
+                let scores = loop {
+                    match self.step(&ctx, &read) {
+                        Step::Need(Part::Lead) => read.lead = Some(self.embed_windows(&lead, admit).await?),
+                        Step::Need(Part::Text) => read.windows = Some(self.embed_windows(&text, admit).await?),
+                        Step::Done(s) => break s,
                     }
-                }
-                match scored {
-                    Some(s) => s,
-                    None => {
-                        let Some(doc) = self.embed_for_labels(&text, &vectors, admit).await? else {
-                            return Ok(untagged("empty_text"));
-                        };
-                        self.score(&doc, &vectors, &names, req.kind, ks)
-                    }
-                }
+                };
+                let Some(scores) = scores else {
+                    return Ok(untagged("empty_text"));
+                };
+                let embedding = self.cfg.store_embeddings.then(|| ItemEmbedding {
+                    embedding_version: self.embedding_version(),
+                    text_hash: text_hash(req),
+                    lead: read.lead,
+                    windows: read.windows,
+                    lead_evidence: ctx.lead_evidence,
+                    has_body: ctx.has_body,
+                });
+                (scores, embedding)
             }
         };
-        Ok(self.rank(&names, &scores, ks.min_score, version))
+        let mut result = self.rank(&names, &scores, ks.min_score, version);
+        result.embedding = embedding;
+        Ok(result)
+    }
+
+    /// Tag an item again from what the model read of it before ([`ItemEmbedding`]), under the
+    /// current taxonomy (or `candidate_labels`), scoring, pooling and adaptive-compute settings:
+    /// the same tags and scores [`Tagger::tag`] gives, without running the model over the text
+    /// (label prompts not yet embedded still are). `Ok(None)` when the rows cannot answer: another
+    /// model or windowing ([`Tagger::embedding_version`]), the NLI strategy, or a part the
+    /// current settings need that was not read then (the item must go through the model).
+    pub async fn tag_from_embedding(&self, kind: MediaKind, candidate_labels: Option<&[String]>, e: &ItemEmbedding) -> Result<Option<TagResult>, TagError> {
+        if !matches!(self.scorer, Scorer::Embedding(_)) || e.embedding_version != self.embedding_version() {
+            return Ok(None);
+        }
+        let labels = match candidate_labels {
+            Some(c) => Some(self.check_candidates(c)?),
+            None => None,
+        };
+        let taxonomy = self.taxonomy.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let version = match &labels {
+            Some(l) => self.cfg.taxonomy_version(&l.iter().map(|n| crate::config::LabelSpec { name: n.clone(), description: None, descriptions: vec![] }).collect::<Vec<_>>()),
+            None => taxonomy.version.clone(),
+        };
+        let names: Vec<String> = labels.clone().unwrap_or_else(|| taxonomy.names.clone());
+        let ks = self.cfg.for_kind(kind);
+        let vectors = self.label_vectors(&taxonomy, kind, labels.as_deref()).await?;
+        let ctx = ScoreCtx { lead_evidence: e.lead_evidence, has_body: e.has_body, vectors: &vectors, names: &names, kind, ks };
+        let mut read = Read::default();
+        let scores = loop {
+            match self.step(&ctx, &read) {
+                Step::Need(Part::Lead) => match &e.lead {
+                    Some(rows) => read.lead = Some(rows.clone()),
+                    None => return Ok(None),
+                },
+                Step::Need(Part::Text) => match &e.windows {
+                    Some(rows) => read.windows = Some(rows.clone()),
+                    None => return Ok(None),
+                },
+                Step::Done(s) => break s,
+            }
+        };
+        let mut result = match scores {
+            Some(s) => self.rank(&names, &s, ks.min_score, version),
+            None => TagResult { tags: vec![], scores: vec![], no_tags_reason: Some("empty_text".into()), taxonomy_version: version, embedding: None },
+        };
+        result.embedding = None;
+        Ok(Some(result))
+    }
+
+    /// Identifies what window embeddings depend on besides the text: the model (name and
+    /// version) and the windowing (window length, stride, placement, token budget). Stored rows
+    /// of another embedding version cannot be reused.
+    pub fn embedding_version(&self) -> String {
+        use sha2::Digest;
+        let t = &self.cfg.text;
+        let max_tokens = match &self.scorer {
+            Scorer::Embedding(e) => e.encoder.max_tokens,
+            Scorer::Nli(n) => n.encoder.max_tokens,
+        };
+        let canonical = serde_json::json!({
+            "model": [&self.model.name, &self.model.version],
+            "precision": format!("{:?}", self.cfg.model.precision),
+            "window_tokens": max_tokens,
+            "stride": t.stride,
+            "placement": format!("{:?}", t.placement),
+            "max_tokens_per_item": t.max_tokens_per_item,
+        });
+        let d = sha2::Sha256::digest(canonical.to_string().as_bytes());
+        let hex: String = d.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("ev-{hex}")
+    }
+
+    /// Label vectors for an item: its candidate labels', or the taxonomy's (under its kind's
+    /// templates where the kind has its own).
+    async fn label_vectors(&self, taxonomy: &Labels, kind: MediaKind, candidates: Option<&[String]>) -> Result<Vec<Arc<Vec<f32>>>, BatchError> {
+        Ok(match candidates {
+            Some(l) => self.candidate_vectors(kind, l).await?,
+            None => match taxonomy.kind_vectors.get(&kind) {
+                Some(v) => v.clone(),
+                None => taxonomy.vectors.clone(),
+            },
+        })
+    }
+
+    /// The embedding strategy's decision over the rows read so far. Adaptive compute: with a
+    /// body, evidence in the lead ("Episode 12" has none) and `text.adaptive_margin` > 0, the
+    /// lead is read first and decides alone when its calibrated top-2 margin is wide enough;
+    /// otherwise the whole text is read and decides.
+    fn step(&self, c: &ScoreCtx<'_>, read: &Read) -> Step {
+        let t = &self.cfg.text;
+        let adaptive = t.adaptive_margin > 0.0 && c.has_body && crate::scoring::evidence_suffices(c.lead_evidence, t.min_evidence_tokens);
+        if adaptive {
+            match &read.lead {
+                None => return Step::Need(Part::Lead),
+                Some(rows) if !rows.is_empty() => {
+                    let doc = crate::scoring::pool(rows, c.vectors, t.pooling);
+                    let s = self.score(&doc, c.vectors, c.names, c.kind, c.ks);
+                    if top2_margin(&s) >= t.adaptive_margin {
+                        return Step::Done(Some(s));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        match &read.windows {
+            None => Step::Need(Part::Text),
+            Some(rows) if rows.is_empty() => Step::Done(None),
+            Some(rows) => {
+                let doc = crate::scoring::pool(rows, c.vectors, t.pooling);
+                Step::Done(Some(self.score(&doc, c.vectors, c.names, c.kind, c.ks)))
+            }
+        }
     }
 
     fn score(&self, doc: &[f32], vectors: &[Arc<Vec<f32>>], names: &[String], kind: MediaKind, ks: KindSettings<'_>) -> Vec<f32> {
@@ -625,7 +827,7 @@ impl Tagger {
             tags.truncate(self.cfg.top_k);
         }
         let reason = tags.is_empty().then(|| "below_min_score".to_string());
-        TagResult { tags, scores: all, no_tags_reason: reason, taxonomy_version }
+        TagResult { tags, scores: all, no_tags_reason: reason, taxonomy_version, embedding: None }
     }
 
     /// Scores with the semantics of the transformers zero-shot-classification pipeline.

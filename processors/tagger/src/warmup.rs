@@ -141,6 +141,7 @@ pub async fn warm_codec(codec: &Codec, input: &str, output: Option<&str>) {
                 language: None,
                 attributes: Default::default(),
                 taxonomy_version: None,
+                embedding: None,
             };
             codec.encode(out, &tagged).await?;
         }

@@ -55,7 +55,8 @@ app.kubernetes.io/part-of: streamoasis
 {{/* Topology ---------------------------------------------------------------------------------- */}}
 
 {{/* The topology text: values.topology.content, else files/topology.yaml; then the replication
-     knob (replication.topics / replication.keyspace) and topologyOverrides applied over it. With
+     knob (replication.topics / replication.keyspace), embeddings.store and topologyOverrides
+     applied over it. With
      none of them set the text is mounted verbatim (comments kept). */}}
 {{- define "streamoasis.topology" -}}
 {{- $text := .Values.topology.content | default (.Files.Get "files/topology.yaml") -}}
@@ -63,7 +64,8 @@ app.kubernetes.io/part-of: streamoasis
 {{- fail "topology.content is empty and the chart has no files/topology.yaml" -}}
 {{- end -}}
 {{- $repl := .Values.replication | default dict -}}
-{{- if or .Values.topologyOverrides $repl.topics $repl.keyspace -}}
+{{- $store := (.Values.embeddings | default dict).store -}}
+{{- if or .Values.topologyOverrides $repl.topics $repl.keyspace (not (kindIs "invalid" $store)) -}}
 {{- $m := fromYaml $text -}}
 {{- if hasKey $m "Error" -}}
 {{- fail (printf "topology.content is not valid YAML: %v" $m.Error) -}}
@@ -89,6 +91,11 @@ app.kubernetes.io/part-of: streamoasis
 {{- $scylla := $m.scylla | default dict -}}
 {{- $_ := set $scylla "replication" $map -}}
 {{- $_ := set $m "scylla" $scylla -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $store) -}}
+{{- $tagging := $m.tagging | default dict -}}
+{{- $_ := set $tagging "store_embeddings" $store -}}
+{{- $_ := set $m "tagging" $tagging -}}
 {{- end -}}
 {{- toYaml (mergeOverwrite $m (deepCopy (.Values.topologyOverrides | default dict))) -}}
 {{- else -}}
