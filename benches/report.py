@@ -463,6 +463,14 @@ def main() -> None:
     k8s = RES / "k8s-scaling.md"
     if k8s.is_file():
         out += k8s.read_text().rstrip("\n").split("\n") + [""]
+    retag = RES / "retag.md"
+    if retag.is_file():
+        out += ["## Retag from stored embeddings (`./benches/run retag`)", "",
+                "A taxonomy change (the five BBC sections under new names) applied to BBC items tagged with "
+                "`tagging.store_embeddings: true`, through the model and from the stored rows, same run, "
+                "in process (the model's cost vs the re-scoring's; Kafka and the CQL scan are not in either figure). "
+                "Method and limits: docs/embeddings.md.", ""]
+        out += retag.read_text().rstrip("\n").split("\n") + [""]
 
 
     notes = REPO / "benches" / "NOTES.md"

@@ -56,7 +56,7 @@ struct Article {
 
 /// The new taxonomy: the five sections under names the shipped labels do not use.
 const NEW_LABELS: &str = "[{name: money and markets}, {name: games and athletes}, {name: government and elections}, \
-                          {name: gadgets and software}, {name: films, music and celebrities}]";
+                          {name: gadgets and software}, {name: 'films, music and celebrities'}]";
 
 fn tagger_config(topo: &Topology, labels: Option<&str>) -> anyhow::Result<TaggerConfig> {
     let mut t = topo.clone();
@@ -107,10 +107,12 @@ async fn main() -> anyhow::Result<()> {
     // 3. The new taxonomy from the stored embeddings: exactness on the real items, then speed
     // over `stored` items (the same rows under other ids: the cost per row is the same).
     let (mut same, mut need_model, mut worst) = (0usize, 0usize, 0f32);
+    let mut answerable: Vec<&ItemEmbedding> = Vec::new();
     for (e, m) in stored.iter().zip(&model) {
         match new.tag_from_embedding(MediaKind::Article, None, e).await? {
             None => need_model += 1,
             Some(r) => {
+                answerable.push(e);
                 let labels = |t: &[streamoasis_pipeline::events::Tag]| t.iter().map(|x| x.label.clone()).collect::<Vec<_>>();
                 if labels(&r.tags) == labels(&m.tags) && r.taxonomy_version == m.taxonomy_version {
                     same += 1;
@@ -123,20 +125,17 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let answerable: Vec<&ItemEmbedding> = stored.iter().filter(|e| e.windows.is_some() || e.lead.is_some()).collect();
+    // Speed over the rows that answer (the others cost nothing here: they go to the model).
     let t0 = Instant::now();
-    let mut done = 0usize;
-    let mut skipped = 0usize;
+    let mut tags = 0usize;
     for i in 0..a.stored {
         let e = answerable[i % answerable.len()];
-        match new.tag_from_embedding(MediaKind::Article, None, e).await? {
-            Some(r) => done += usize::from(!r.scores.is_empty()),
-            None => skipped += 1,
-        }
+        let r = new.tag_from_embedding(MediaKind::Article, None, e).await?.expect("answered above");
+        tags += r.tags.len();
     }
     let emb_s = t0.elapsed().as_secs_f64();
-    let emb_rate = (done + skipped) as f64 / emb_s;
-    eprintln!("from embeddings: {} stored items in {emb_s:.2}s ({emb_rate:.0} items/s, {skipped} needing the model)", a.stored);
+    let emb_rate = a.stored as f64 / emb_s;
+    eprintln!("from embeddings: {} stored items in {emb_s:.2}s ({emb_rate:.0} items/s, {tags} tags)", a.stored);
 
     // 4. Event size with and without the embedding.
     let (mut with, mut without) = (Vec::new(), Vec::new());
