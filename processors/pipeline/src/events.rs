@@ -70,23 +70,27 @@ impl MediaKind {
     }
 }
 
+impl MediaKind {
+    /// Every kind, in the schema's symbol order.
+    pub const ALL: [MediaKind; 10] = [
+        MediaKind::Video,
+        MediaKind::Episode,
+        MediaKind::Movie,
+        MediaKind::Clip,
+        MediaKind::Trailer,
+        MediaKind::Live,
+        MediaKind::Podcast,
+        MediaKind::Article,
+        MediaKind::Attraction,
+        MediaKind::Other,
+    ];
+}
+
 impl std::str::FromStr for MediaKind {
     type Err = String;
     /// From the Avro symbol ([`MediaKind::as_str`]).
     fn from_str(s: &str) -> Result<Self, String> {
-        const ALL: [MediaKind; 10] = [
-            MediaKind::Video,
-            MediaKind::Episode,
-            MediaKind::Movie,
-            MediaKind::Clip,
-            MediaKind::Trailer,
-            MediaKind::Live,
-            MediaKind::Podcast,
-            MediaKind::Article,
-            MediaKind::Attraction,
-            MediaKind::Other,
-        ];
-        ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| format!("unknown media kind '{s}'"))
+        MediaKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| format!("unknown media kind '{s}'"))
     }
 }
 
@@ -338,18 +342,7 @@ mod tests {
 
     #[test]
     fn as_str_is_the_serde_and_avro_name() {
-        for k in [
-            MediaKind::Video,
-            MediaKind::Episode,
-            MediaKind::Movie,
-            MediaKind::Clip,
-            MediaKind::Trailer,
-            MediaKind::Live,
-            MediaKind::Podcast,
-            MediaKind::Article,
-            MediaKind::Attraction,
-            MediaKind::Other,
-        ] {
+        for k in MediaKind::ALL {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str(), "{k:?}");
         }
         for st in [Strategy::Embedding, Strategy::Nli] {
