@@ -99,14 +99,17 @@ pub fn version_of(e: &MediaTagged) -> (i64, i32, i64) {
     (e.ingested_at, e.lineage.partition, e.lineage.offset)
 }
 
-/// The same input tagged again (`retag --from-embeddings` emits events with the stored item's
-/// version and a newer `tagged_at`): its writes must win over the row's, whose cells carry the
-/// version's own timestamp, so they go one microsecond after the row's last write. `None` when
-/// the event is not a newer tagging of the stored input (its version's timestamp stands).
-pub fn rescore_timestamp(same_version: bool, stored_tagged_at: Option<i64>, stored_written_us: Option<i64>, tagged_at: i64) -> Option<i64> {
-    match (same_version, stored_tagged_at, stored_written_us) {
-        (true, Some(stored), Some(written)) if tagged_at > stored => Some(written.saturating_add(1)),
-        _ => None,
+/// The CQL timestamp an event that must replace the stored row writes with: its version's own
+/// ([`write_timestamp`]), unless that would not come after the row's last write. Two cases need
+/// that: the same input tagged again (`retag --from-embeddings` emits the stored item's version
+/// with a newer `tagged_at`, so the timestamps tie), and a newer input whose timestamp is lower
+/// (a retag's re-sent record: same `ingested_at`, a later offset whose last three digits are
+/// smaller). Writes of one key are serial in the sink (key order), so "after the row's last
+/// write" is well defined.
+pub fn winning_timestamp(own_us: i64, replaces: bool, stored_written_us: Option<i64>) -> i64 {
+    match stored_written_us {
+        Some(w) if replaces && own_us <= w => w.saturating_add(1),
+        _ => own_us,
     }
 }
 
@@ -209,9 +212,8 @@ impl TagWriter {
                 // A replay or a late, older event: the stored tags are newer and stay.
                 return Ok(false);
             }
-            if let Some(t) = rescore_timestamp(version == version_of(e), tagged.map(|t| t.0), *written, e.tagged_at) {
-                ts_us = t;
-            }
+            let retagged = version == version_of(e) && tagged.is_some_and(|t| e.tagged_at > t.0);
+            ts_us = winning_timestamp(ts_us, version < version_of(e) || retagged, *written);
         }
         let previous: HashMap<String, f32> = stored.and_then(|(m, ..)| m).unwrap_or_default();
         let tags: HashMap<String, f32> = e.tags.iter().map(|t| (t.label.clone(), t.score)).collect();
@@ -280,14 +282,14 @@ impl TagWriter {
 
 #[cfg(test)]
 mod tests {
-    use super::rescore_timestamp;
+    use super::winning_timestamp;
 
     #[test]
-    fn a_newer_tagging_of_the_stored_input_writes_after_the_row_and_nothing_else_does() {
-        assert_eq!(rescore_timestamp(true, Some(100), Some(5_000), 200), Some(5_001), "a re-score goes after the row's last write");
-        assert_eq!(rescore_timestamp(true, Some(200), Some(5_000), 200), None, "a replay of the same event keeps its version's timestamp");
-        assert_eq!(rescore_timestamp(true, Some(300), Some(5_000), 200), None, "an older tagging does not win");
-        assert_eq!(rescore_timestamp(false, Some(100), Some(5_000), 200), None, "a newer input has its own, later timestamp");
-        assert_eq!(rescore_timestamp(true, None, Some(5_000), 200), None);
+    fn an_event_that_replaces_the_row_writes_after_it_and_others_keep_their_timestamp() {
+        assert_eq!(winning_timestamp(5_000, true, Some(5_000)), 5_001, "a re-score of the same input goes after the row");
+        assert_eq!(winning_timestamp(4_900, true, Some(5_000)), 5_001, "a newer input with a lower timestamp (offset digits wrapped)");
+        assert_eq!(winning_timestamp(6_000, true, Some(5_000)), 6_000, "a newer input keeps its own, later timestamp");
+        assert_eq!(winning_timestamp(5_000, false, Some(5_000)), 5_000, "a replay of the same event keeps its version's timestamp");
+        assert_eq!(winning_timestamp(5_000, true, None), 5_000, "no row yet");
     }
 }
