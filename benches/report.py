@@ -471,6 +471,15 @@ def main() -> None:
                 "in process (the model's cost vs the re-scoring's; Kafka and the CQL scan are not in either figure). "
                 "Method and limits: docs/embeddings.md.", ""]
         out += retag.read_text().rstrip("\n").split("\n") + [""]
+    similar = RES / "similar.md"
+    if similar.is_file():
+        out += ["## Similar media: the database's ANN index vs an exact scan (`./benches/run similar`)", "",
+                "Each query item's 10 nearest by the read `GET /v1/media/{id}/similar` makes "
+                "(`ORDER BY pooled ANN OF ? LIMIT k` on `media_embeddings`, the index `topology apply` creates), "
+                "against an exact cosine scan over every stored vector, same run. The ANN latency includes the "
+                "CQL round trip on loopback; the exact scan is in process over vectors already in memory "
+                "(what a home-made index would start from). Method and limits: docs/embeddings.md.", ""]
+        out += similar.read_text().rstrip("\n").split("\n") + [""]
 
 
     notes = REPO / "benches" / "NOTES.md"

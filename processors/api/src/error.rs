@@ -15,6 +15,7 @@
 //! | [`ApiError::Timeout`] | `timeout` | 504 | `DEADLINE_EXCEEDED` |
 //! | [`ApiError::NotFound`] | `not_found` | 404 | `NOT_FOUND` |
 //! | [`ApiError::Unavailable`] | `unavailable` | 503 (+ `Retry-After` when known) | `UNAVAILABLE` |
+//! | [`ApiError::NotImplemented`] | `not_implemented` | 501 | `UNIMPLEMENTED` |
 //! | [`ApiError::Internal`] | `internal` | 500 | `INTERNAL` |
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -75,6 +76,9 @@ pub enum ApiError {
         /// Seconds to wait, when known (`Retry-After`).
         retry_after: Option<u64>,
     },
+    /// A capability the deployment lacks (named, with what provides it).
+    #[error("{0}")]
+    NotImplemented(String),
     /// A failure of this service.
     #[error("{0}")]
     Internal(String),
@@ -103,6 +107,7 @@ impl ApiError {
             ApiError::Timeout => "timeout",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable { .. } => "unavailable",
+            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -118,6 +123,7 @@ impl ApiError {
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -131,6 +137,7 @@ impl ApiError {
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::Unavailable { .. } => Code::Unavailable,
+            ApiError::NotImplemented(_) => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -220,6 +227,7 @@ impl From<ReadError> for ApiError {
                 ApiError::InvalidQuery(FieldError::new("page", format!("not a page token issued by this service ({why}): pass the previous page's `next_page`")))
             }
             ReadError::Db(m) => ApiError::unavailable(format!("database: {m}")),
+            ReadError::Unsupported(m) => ApiError::NotImplemented(m),
         }
     }
 }

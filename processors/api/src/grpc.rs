@@ -1,4 +1,5 @@
 //! gRPC: `streamoasis.v1.Tagger` (`Tag`, bidirectional `TagStream`) on the shared batcher,
+//! `Similar` and `Search` on the read path,
 //! the same JWT in the `authorization` metadata, and server reflection (v1) so `grpcurl`
 //! and similar tools discover the service.
 //!
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ApiError;
 use crate::proto::tagger_server::{Tagger as TaggerRpc, TaggerServer};
-use crate::proto::{Tag, TagRequest, TagResponse};
+use crate::proto::{Neighbour, NeighboursResponse, SearchRequest, SimilarRequest, Tag, TagRequest, TagResponse};
 use crate::validate::TagInput;
 use crate::ApiState;
 
@@ -90,6 +91,27 @@ impl TaggerRpc for TaggerService {
             .buffered(self.state.limits.stream_concurrency.max(1));
         Ok(Response::new(Box::pin(out)))
     }
+
+    async fn similar(&self, request: Request<SimilarRequest>) -> Result<Response<NeighboursResponse>, Status> {
+        let r = request.into_inner();
+        let items = self.state.similar(&r.media_id, nonzero(r.k), r.kind.as_deref(), false).await?;
+        Ok(Response::new(neighbours(items)))
+    }
+
+    async fn search(&self, request: Request<SearchRequest>) -> Result<Response<NeighboursResponse>, Status> {
+        let r = request.into_inner();
+        let items = self.state.search(&r.text, nonzero(r.k), r.kind.as_deref()).await?;
+        Ok(Response::new(neighbours(items)))
+    }
+}
+
+/// proto3's 0 means "not set" (the default).
+fn nonzero(k: u32) -> Option<usize> {
+    (k != 0).then_some(k as usize)
+}
+
+fn neighbours(items: Vec<streamoasis_sink::read::Neighbour>) -> NeighboursResponse {
+    NeighboursResponse { items: items.into_iter().map(|n| Neighbour { media_id: n.media_id, kind: n.kind, title: n.title, similarity: n.similarity }).collect() }
 }
 
 /// Check the bearer token in the call metadata.

@@ -160,6 +160,63 @@ impl ApiState {
     }
 }
 
+/// Default neighbours of a similarity answer.
+pub const DEFAULT_NEIGHBOURS: usize = 10;
+
+impl ApiState {
+    fn reader(&self) -> Result<&Reader, ApiError> {
+        self.reader.as_deref().ok_or_else(|| ApiError::not_configured("the database"))
+    }
+
+    /// `k` (1..=[`streamoasis_sink::read::MAX_NEIGHBOURS`], default [`DEFAULT_NEIGHBOURS`]) and
+    /// the kind filter of a similarity request, checked as both protocols name them.
+    fn neighbours_args(k: Option<usize>, kind: Option<&str>, in_query: bool) -> Result<(usize, Option<String>), ApiError> {
+        let bad = |e: validate::FieldError| if in_query { ApiError::InvalidQuery(e) } else { ApiError::InvalidField(e) };
+        let max = streamoasis_sink::read::MAX_NEIGHBOURS;
+        let k = k.unwrap_or(DEFAULT_NEIGHBOURS);
+        if k == 0 || k > max {
+            return Err(bad(validate::FieldError::new("k", format!("{k} is out of range: use 1..={max}"))));
+        }
+        let kind = kind.filter(|k| !k.is_empty()).map(|k| validate::kind("kind", k)).transpose().map_err(bad)?;
+        Ok((k, kind.map(|k| types::wire_name(&k))))
+    }
+
+    /// Items most like a stored one: its pooled embedding's nearest neighbours by the
+    /// database's ANN index, itself left out. 404 when no embedding is stored for it; 501 when
+    /// the database has no vector search.
+    pub async fn similar(&self, media_id: &str, k: Option<usize>, kind: Option<&str>, in_query: bool) -> Result<Vec<streamoasis_sink::read::Neighbour>, ApiError> {
+        let (k, kind) = Self::neighbours_args(k, kind, in_query)?;
+        let reader = self.reader()?;
+        let v = reader.item_vector(media_id).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("no embedding stored for '{media_id}': not tagged yet, or tagged while tagging.store_embeddings was off (turn it on and retag)"))
+        })?;
+        Ok(reader.nearest(&v, k, kind.as_deref(), Some(media_id)).await?)
+    }
+
+    /// Items nearest a free text: the text embedded as the tagger embeds an item (its windows,
+    /// mean-pooled) through the shared batcher, then the database's ANN index.
+    pub async fn search(&self, text: &str, k: Option<usize>, kind: Option<&str>) -> Result<Vec<streamoasis_sink::read::Neighbour>, ApiError> {
+        let (k, kind) = Self::neighbours_args(k, kind, false)?;
+        if text.trim().is_empty() {
+            return Err(ApiError::InvalidField(validate::FieldError::new("text", "is empty: send the words to search for")));
+        }
+        if text.len() > self.limits.max_text_bytes {
+            return Err(ApiError::InvalidField(validate::FieldError::new("text", format!("is {} bytes, over the {} limit", text.len(), self.limits.max_text_bytes))));
+        }
+        if self.tagger.strategy() != streamoasis_pipeline::events::Strategy::Embedding {
+            return Err(ApiError::NotImplemented("search embeds the text with the tagger's model: it needs tagging.strategy: embedding".into()));
+        }
+        let reader = self.reader()?;
+        let embed = self.tagger.embed_document(text);
+        let v = tokio::time::timeout(self.limits.request_timeout, embed)
+            .await
+            .map_err(|_| ApiError::Timeout)?
+            .map_err(|e| ApiError::from(streamoasis_tagger::tagger::TagError::Model(e)))?
+            .ok_or_else(|| ApiError::InvalidField(validate::FieldError::new("text", "has no words the model reads")))?;
+        Ok(reader.nearest(&v, k, kind.as_deref(), None).await?)
+    }
+}
+
 /// Where the services are (every command and test fills this the same way; defaults in
 /// `streamoasis_pipeline::env`).
 #[derive(Debug, Clone)]

@@ -27,8 +27,8 @@ use utoipa::OpenApi;
 
 use crate::error::ApiError;
 use crate::types::{
-    Accepted, ByTagItem, ByTagQuery, ByTagResponse, ErrorBody, ErrorDetail, GenerateMetadataResponse, MediaBatch, MediaBody, MediaItem, MediaTagsResponse, Metadata, TagBody,
-    TagOut, TagResponse, MEDIA_BODY_SHAPE,
+    Accepted, ByTagItem, ByTagQuery, ByTagResponse, ErrorBody, ErrorDetail, GenerateMetadataResponse, MediaBatch, MediaBody, MediaItem, MediaTagsResponse, Metadata, Neighbour,
+    NeighboursResponse, SearchBody, SimilarQuery, TagBody, TagOut, TagResponse, MEDIA_BODY_SHAPE,
 };
 use crate::validate::{self, FieldError, TagInput};
 use crate::ApiState;
@@ -164,6 +164,39 @@ async fn by_tag(State(st): State<Arc<ApiState>>, Path(tag): Path<String>, q: Res
     }))
 }
 
+/// Items most like a stored one, by the database's ANN index over the stored embeddings
+/// (`tagging.store_embeddings`), itself left out.
+#[utoipa::path(get, path = "/v1/media/{media_id}/similar",
+    params(("media_id" = String, Path, description = "The item's id"), SimilarQuery),
+    responses(
+        (status = 200, description = "Most similar first", body = NeighboursResponse),
+        (status = 400, description = "Bad k or kind", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No embedding stored for the item", body = ErrorBody),
+        (status = 501, description = "The database has no vector search (ANN index); the message names it", body = ErrorBody)),
+    security(("bearer_jwt" = [])))]
+async fn similar(State(st): State<Arc<ApiState>>, Path(media_id): Path<String>, q: Result<Query<SimilarQuery>, QueryRejection>) -> Result<Json<NeighboursResponse>, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
+    let items = st.similar(&media_id, q.k, q.kind.as_deref(), true).await?;
+    Ok(Json(NeighboursResponse::new(Some(media_id), items)))
+}
+
+/// Items nearest a free text: the text embedded by the tagger's model, then the database's
+/// ANN index.
+#[utoipa::path(post, path = "/v1/search", request_body = SearchBody,
+    responses(
+        (status = 200, description = "Most similar first", body = NeighboursResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 422, description = "A field is invalid (named in `field`)", body = ErrorBody),
+        (status = 501, description = "No vector search in the database, or a tagger without an embedding model", body = ErrorBody)),
+    security(("bearer_jwt" = [])))]
+async fn search(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<NeighboursResponse>, ApiError> {
+    let b: SearchBody = parse_json(&read_body(body)?)?;
+    let items = st.search(&b.text, b.k, b.kind.as_deref()).await?;
+    Ok(Json(NeighboursResponse::new(None, items)))
+}
+
 /// Enqueue items to the ingest topic (answered once Kafka acknowledged every one). The body is
 /// a batch `{"items": [item, ...]}` or one item on its own.
 #[utoipa::path(post, path = "/v1/media", request_body = MediaBody,
@@ -274,8 +307,8 @@ impl utoipa::Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "streamoasis", description = "Zero-shot media tagging: synchronous tagging on the stream's batcher, the stored tags, enqueueing."),
-    paths(tag, media_tags, by_tag, post_media, generate_metadata, healthz, readyz, metrics),
-    components(schemas(ErrorBody, ErrorDetail, TagBody, TagOut, TagResponse, MediaTagsResponse, ByTagItem, ByTagResponse, MediaBody, MediaBatch, MediaItem, Accepted, GenerateMetadataResponse, Metadata)),
+    paths(tag, media_tags, by_tag, similar, search, post_media, generate_metadata, healthz, readyz, metrics),
+    components(schemas(ErrorBody, ErrorDetail, TagBody, TagOut, TagResponse, MediaTagsResponse, ByTagItem, ByTagResponse, SearchBody, Neighbour, NeighboursResponse, MediaBody, MediaBatch, MediaItem, Accepted, GenerateMetadataResponse, Metadata)),
     modifiers(&Security)
 )]
 struct ApiDoc;
@@ -328,6 +361,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/tag", post(tag))
         .route("/v1/media/{media_id}/tags", get(media_tags))
         .route("/v1/tags/{tag}/media", get(by_tag))
+        .route("/v1/media/{media_id}/similar", get(similar))
+        .route("/v1/search", post(search))
         .route("/v1/media", post(post_media))
         .route("/generate-metadata/{video_id}", get(generate_metadata))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));

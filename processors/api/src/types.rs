@@ -32,7 +32,7 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable code: `unauthorized`, `malformed_json`, `invalid_field`, `body_too_large`,
-    /// `busy`, `timeout`, `not_found`, `unavailable`, `internal`.
+    /// `busy`, `timeout`, `not_found`, `unavailable`, `not_implemented`, `internal`.
     pub code: String,
     /// Human-readable detail with the fix.
     pub message: String,
@@ -124,6 +124,62 @@ pub struct MediaTagsResponse {
     /// The taxonomy version the stored tags were made with (null for rows written before it
     /// was kept); compare with `streamoasis db stats` to see stale rows.
     pub taxonomy_version: Option<String>,
+}
+
+/// Query of `GET /v1/media/{media_id}/similar`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SimilarQuery {
+    /// Neighbours to return, 1..=100 (default 10).
+    pub k: Option<usize>,
+    /// Only items of this kind (`VIDEO`, `EPISODE`, ...).
+    pub kind: Option<String>,
+}
+
+/// Body of `POST /v1/search`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchBody {
+    /// Free text, embedded by the tagger's model as an item's text is.
+    pub text: String,
+    /// Items to return, 1..=100 (default 10).
+    #[serde(default)]
+    pub k: Option<usize>,
+    /// Only items of this kind.
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+/// One item of a similarity answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Neighbour {
+    /// The item.
+    pub media_id: String,
+    /// Its media kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Its title.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Cosine similarity of its embedding to the query's, most similar first.
+    pub similarity: f32,
+}
+
+/// Items most like an item or a text, most similar first.
+#[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct NeighboursResponse {
+    /// The item asked about (`/similar`), absent for a text search.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_id: Option<String>,
+    /// At most `k` items.
+    pub items: Vec<Neighbour>,
+}
+
+impl NeighboursResponse {
+    /// From the read path's answer.
+    pub fn new(media_id: Option<String>, items: Vec<streamoasis_sink::read::Neighbour>) -> Self {
+        NeighboursResponse { media_id, items: items.into_iter().map(|n| Neighbour { media_id: n.media_id, kind: n.kind, title: n.title, similarity: n.similarity }).collect() }
+    }
 }
 
 /// Query of `GET /v1/tags/{tag}/media`.

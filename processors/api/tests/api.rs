@@ -34,8 +34,9 @@ const AUDIENCE: &str = "streamoasis-api";
 
 use streamoasis_testkit::root;
 
-/// The project topology with unique names, `edit` applied to its `tagging` section.
-fn topology(id: &str, edit: impl FnOnce(&mut serde_yaml::Mapping)) -> Topology {
+/// The project topology with unique names, `edit` applied to its `tagging` section and
+/// `scylla_edit` to its `scylla` section.
+fn topology_with(id: &str, edit: impl FnOnce(&mut serde_yaml::Mapping), scylla_edit: impl FnOnce(&mut serde_yaml::Mapping)) -> Topology {
     let mut topo = Topology::load(root().join("topology.yaml")).unwrap();
     topo.isolate(id).unwrap();
     for t in &mut topo.file.topics {
@@ -47,6 +48,7 @@ fn topology(id: &str, edit: impl FnOnce(&mut serde_yaml::Mapping)) -> Topology {
     }
     if let serde_yaml::Value::Mapping(m) = &mut topo.file.scylla {
         m.insert("consistency".into(), "ONE".into());
+        scylla_edit(m);
     }
     if let serde_yaml::Value::Mapping(m) = &mut topo.file.tagging {
         if let Some(serde_yaml::Value::Mapping(model)) = m.get_mut("model") {
@@ -84,8 +86,13 @@ struct Fx {
 /// Topics, schemas and tables applied; the tagger loaded; the API started (HS256 + the given
 /// JWKS, issuer and audience required) on ephemeral ports.
 async fn fixture(edit: impl FnOnce(&mut serde_yaml::Mapping), jwks: Option<&str>) -> Fx {
+    fixture_with(edit, |_| {}, jwks).await
+}
+
+/// [`fixture`], with `scylla_edit` applied to the topology's `scylla` section.
+async fn fixture_with(edit: impl FnOnce(&mut serde_yaml::Mapping), scylla_edit: impl FnOnce(&mut serde_yaml::Mapping), jwks: Option<&str>) -> Fx {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let topo = topology(&id, edit);
+    let topo = topology_with(&id, edit, scylla_edit);
     let conn = Connections {
         kafka: env::get(env::KAFKA_BOOTSTRAP, env::DEFAULT_KAFKA),
         registry: env::get(env::SCHEMA_REGISTRY_URL, env::DEFAULT_REGISTRY),
@@ -544,6 +551,172 @@ async fn read_routes_paginate_best_first_and_serve_the_compatibility_route() {
     }
     let (s, v) = fx.get("/v1/tags/none-such/media").await;
     assert_eq!((s, v["items"].as_array().unwrap().len(), v["next_page"].is_null()), (StatusCode::OK, 0, true));
+    fx.shutdown().await;
+}
+
+// ───────────────────────────── similar media and search ─────────────────────────────
+
+/// Titles over several subjects, each subject in several phrasings, so neighbours are real.
+fn similar_corpus() -> Vec<(String, MediaKind)> {
+    let subjects = [
+        "the striker scored twice in the cup final",
+        "the central bank raised interest rates again",
+        "a new smartphone chip doubles battery life",
+        "the orchestra premiered a symphony in Vienna",
+        "heavy snow closed mountain roads overnight",
+        "the election campaign entered its final week",
+        "researchers found water ice on a distant moon",
+        "the chef opened a seafood restaurant by the harbour",
+    ];
+    let frames = ["Breaking: {s}", "Analysis: why {s}", "Explained: {s}", "Interview after {s}", "Live coverage as {s}"];
+    let mut out = vec![];
+    for (i, s) in subjects.iter().enumerate() {
+        for (j, f) in frames.iter().enumerate() {
+            let kind = if (i + j) % 2 == 0 { MediaKind::Episode } else { MediaKind::Podcast };
+            out.push((f.replace("{s}", s), kind));
+        }
+    }
+    out
+}
+
+/// Exact cosine top-k over the stored vectors (the ground truth for the ANN answers).
+fn exact_top(vectors: &HashMap<String, (Vec<f32>, String)>, q: &[f32], k: usize, kind: Option<&str>, exclude: Option<&str>) -> Vec<(String, f32)> {
+    let mut all: Vec<(String, f32)> = vectors
+        .iter()
+        .filter(|(id, (_, kd))| Some(id.as_str()) != exclude && kind.is_none_or(|k| k == kd))
+        .map(|(id, (v, _))| (id.clone(), streamoasis_sink::read::cosine(q, v)))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn similar_and_search_answer_from_the_databases_ann_index_over_stored_embeddings() {
+    streamoasis_testkit::require_stack!();
+    let fx = fixture(|m| set(m, &["store_embeddings"], true.into()), None).await;
+    let cfg = SinkConfig::from_topology(&fx.topo).unwrap();
+    assert_eq!(cfg.vector_dim, 384, "the default model's size is the default");
+    let session = Arc::new(streamoasis_sink::connect(fx.conn.scylla.as_ref().unwrap(), &cfg).await.unwrap());
+    let w = TagWriter::new(session.clone(), &cfg).await.unwrap();
+    // Tag every item with the real model and write its event as the sink does.
+    let corpus = similar_corpus();
+    for (i, (title, kind)) in corpus.iter().enumerate() {
+        let r = fx.tagger.tag(&streamoasis_tagger::TagRequest { title: title.clone(), kind: *kind, ..Default::default() }).await.unwrap();
+        let mut e = tagged(&format!("sim-{i:02}"), &[], i as i64);
+        e.kind = *kind;
+        e.title = Some(title.clone());
+        e.embedding = Some(r.embedding.expect("store_embeddings on: the result carries the rows").to_event(None));
+        assert!(w.write(&e).await.unwrap());
+    }
+    // Read every pooled vector back: one per item, of the model's size, unit length.
+    let ks = &cfg.keyspace;
+    let rows = session.query_unpaged(format!("SELECT media_id, pooled, kind FROM {ks}.media_embeddings"), ()).await.unwrap().into_rows_result().unwrap();
+    let vectors: HashMap<String, (Vec<f32>, String)> =
+        rows.rows::<(String, Option<Vec<f32>>, String)>().unwrap().map(|r| r.unwrap()).map(|(id, v, k)| (id, (v.expect("a pooled vector per item"), k))).collect();
+    assert_eq!(vectors.len(), corpus.len());
+    for (id, (v, _)) in &vectors {
+        assert_eq!(v.len(), 384, "{id}");
+        assert!((v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4, "{id}: unit length");
+    }
+    // /similar: k items, itself left out, most similar first, each similarity the exact cosine,
+    // and the same items as an exact scan (recall over 10 queries).
+    let (mut hits, mut wanted) = (0usize, 0usize);
+    for i in (0..corpus.len()).step_by(4) {
+        let id = format!("sim-{i:02}");
+        let (s, v) = fx.get(&format!("/v1/media/{id}/similar?k=5")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["media_id"], id.as_str());
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(items.len(), 5, "{v}");
+        let got: Vec<(String, f32)> = items.iter().map(|x| (x["media_id"].as_str().unwrap().to_string(), x["similarity"].as_f64().unwrap() as f32)).collect();
+        assert!(got.iter().all(|(g, _)| *g != id), "itself is left out: {got:?}");
+        assert!(got.windows(2).all(|p| p[0].1 >= p[1].1), "most similar first: {got:?}");
+        for (g, sim) in &got {
+            assert!((sim - streamoasis_sink::read::cosine(&vectors[&id].0, &vectors[g].0)).abs() < 1e-5, "{g}: exact cosine");
+        }
+        let want: HashSet<String> = exact_top(&vectors, &vectors[&id].0, 5, None, Some(&id)).into_iter().map(|x| x.0).collect();
+        hits += got.iter().filter(|(g, _)| want.contains(g)).count();
+        wanted += want.len();
+        // Items of one subject share a row of the corpus: the nearest is of the same subject.
+        let subject = |m: &str| m[4..].parse::<usize>().unwrap() / 5;
+        assert_eq!(subject(&got[0].0), subject(&id), "{id}: nearest {got:?}");
+    }
+    assert_eq!(wanted, 50);
+    assert!(hits * 100 >= wanted * 95, "recall@5 against the exact scan: {hits}/{wanted}");
+    // The kind filter: only that kind, k of them.
+    let (s, v) = fx.get("/v1/media/sim-00/similar?k=7&kind=podcast").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 7);
+    assert!(items.iter().all(|x| x["kind"] == "PODCAST"), "{v}");
+    // /search: an item's own text finds it first at similarity ~1; the rest by exact cosine.
+    let (s, v) = fx.post("/v1/search", &json!({"text": corpus[17].0, "k": 3})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0]["media_id"], "sim-17", "{v}");
+    assert!(items[0]["similarity"].as_f64().unwrap() > 0.9999, "{v}");
+    assert_eq!(items[0]["title"], corpus[17].0.as_str());
+    assert!(v.get("media_id").is_none());
+    let q = fx.tagger.embed_document("snowstorm blocks highways").await.unwrap().unwrap();
+    let want = exact_top(&vectors, &q, 4, Some("EPISODE"), None);
+    let (s, v) = fx.post("/v1/search", &json!({"text": "snowstorm blocks highways", "k": 4, "kind": "EPISODE"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let got: Vec<String> = v["items"].as_array().unwrap().iter().map(|x| x["media_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got, want.iter().map(|x| x.0.clone()).collect::<Vec<_>>(), "a query text: the exact scan's order");
+    // Errors name the parameter; an item without an embedding is 404.
+    let (s, v) = fx.get("/v1/media/none-such/similar").await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{v}");
+    for q in ["k=0", "k=101", "k=x", "kind=HOLOGRAM"] {
+        let (s, v) = fx.get(&format!("/v1/media/sim-00/similar?{q}")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_eq!(error_field(&v), q.split('=').next().unwrap(), "{q}");
+    }
+    for (body, field) in [(json!({"text": ""}), "text"), (json!({"text": "x", "k": 0}), "k"), (json!({"text": "x", "kind": "HOLOGRAM"}), "kind")] {
+        let (s, v) = fx.post("/v1/search", &body).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert_eq!(error_field(&v), field, "{body}");
+    }
+    // gRPC answers the same.
+    let mut c = TaggerClient::connect(fx.grpc.clone()).await.unwrap();
+    use streamoasis_api::proto::{SearchRequest, SimilarRequest};
+    let g = c.similar(grpc_req(&fx, SimilarRequest { media_id: "sim-00".into(), k: 7, kind: Some("PODCAST".into()) })).await.unwrap().into_inner();
+    let rest: Vec<String> = items_of(&fx.get("/v1/media/sim-00/similar?k=7&kind=PODCAST").await.1);
+    assert_eq!(g.items.iter().map(|n| n.media_id.clone()).collect::<Vec<_>>(), rest);
+    let g = c.search(grpc_req(&fx, SearchRequest { text: corpus[17].0.clone(), k: 0, kind: None })).await.unwrap().into_inner();
+    assert_eq!(g.items.len(), 10, "k 0 is the default 10");
+    assert_eq!(g.items[0].media_id, "sim-17");
+    let e = c.similar(grpc_req(&fx, SimilarRequest { media_id: "none-such".into(), k: 3, kind: None })).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    fx.shutdown().await;
+}
+
+fn items_of(v: &Value) -> Vec<String> {
+    v["items"].as_array().unwrap().iter().map(|x| x["media_id"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn similar_answers_501_naming_the_capability_without_a_vector_column() {
+    streamoasis_testkit::require_stack!();
+    let fx = fixture_with(
+        |m| set(m, &["store_embeddings"], true.into()),
+        |s| {
+            s.insert("vector_dim".into(), 0.into());
+        },
+        None,
+    )
+    .await;
+    let (s, v) = fx.get("/v1/media/any/similar").await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{v}");
+    assert_eq!(v["error"]["code"], "not_implemented");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("vector search") && m.contains("topology apply"), "names the capability and the fix: {m}");
+    let (s, _) = fx.post("/v1/search", &json!({"text": "anything"})).await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
+    let mut c = TaggerClient::connect(fx.grpc.clone()).await.unwrap();
+    let e = c.similar(grpc_req(&fx, streamoasis_api::proto::SimilarRequest { media_id: "any".into(), k: 1, kind: None })).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
     fx.shutdown().await;
 }
 

@@ -253,6 +253,29 @@ pub struct ItemEmbedding {
     pub candidate_labels: Option<Vec<String>>,
 }
 
+impl ItemEmbedding {
+    /// The item's one vector for similarity: the mean of its whole-text window rows (of the
+    /// lead's when only the lead was read), L2-normalised, as `Tagger::embed_document` pools a
+    /// query text. `None` when there are no rows.
+    pub fn pooled(&self) -> Result<Option<Vec<f32>>, String> {
+        let dim = usize::try_from(self.dim).map_err(|_| format!("dim {} is negative", self.dim))?;
+        let Some(bytes) = self.windows.as_deref().filter(|b| !b.is_empty()).or(self.lead.as_deref()) else { return Ok(None) };
+        let rows = rows_from_bytes(bytes, dim)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut acc = vec![0f32; dim];
+        for r in &rows {
+            acc.iter_mut().zip(r).for_each(|(a, x)| *a += x);
+        }
+        let norm = acc.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            acc.iter_mut().for_each(|x| *x /= norm);
+        }
+        Ok(Some(acc))
+    }
+}
+
 /// Rows of equal length as little-endian f32 bytes (the `bytes` of [`ItemEmbedding`]).
 pub fn rows_to_bytes(rows: &[Vec<f32>]) -> Vec<u8> {
     rows.iter().flatten().flat_map(|x| x.to_le_bytes()).collect()
@@ -331,6 +354,27 @@ pub mod avro {
 #[allow(deprecated)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_is_the_normalised_mean_of_the_text_rows_else_the_lead() {
+        let e = |lead: Option<Vec<Vec<f32>>>, windows: Option<Vec<Vec<f32>>>| ItemEmbedding {
+            embedding_version: "ev".into(),
+            text_hash: "th".into(),
+            dim: 2,
+            lead: lead.as_deref().map(rows_to_bytes),
+            windows: windows.as_deref().map(rows_to_bytes),
+            lead_evidence: None,
+            has_body: false,
+            candidate_labels: None,
+        };
+        let p = e(Some(vec![vec![0.0, 1.0]]), Some(vec![vec![3.0, 0.0], vec![3.0, 8.0]])).pooled().unwrap().unwrap();
+        assert!((p[0] - 0.6).abs() < 1e-6 && (p[1] - 0.8).abs() < 1e-6, "mean (3, 4) normalised: {p:?}");
+        assert_eq!(e(Some(vec![vec![0.0, 2.0]]), None).pooled().unwrap(), Some(vec![0.0, 1.0]), "only the lead was read");
+        assert_eq!(e(None, None).pooled().unwrap(), None);
+        let mut bad = e(None, Some(vec![vec![1.0, 2.0]]));
+        bad.dim = 3;
+        assert!(bad.pooled().is_err(), "rows that are not of dim floats");
+    }
 
     #[test]
     fn kinds_parse_from_their_symbol() {

@@ -41,6 +41,11 @@ pub struct SinkConfig {
     /// Client-to-node TLS.
     #[serde(default)]
     pub tls: CqlTlsConfig,
+    /// Floats in the model's embedding (384 for the default MiniLM-L6): the size of the
+    /// `media_embeddings.pooled` vector column the similar-media and search routes read through
+    /// the database's ANN index. 0: no vector column.
+    #[serde(default = "default_vector_dim")]
+    pub vector_dim: usize,
 }
 
 /// `scylla.tls`: client-to-node encryption. `SCYLLA_CA` (a PEM file) sets `ca` and turns TLS on;
@@ -88,6 +93,9 @@ fn default_concurrency() -> usize {
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_vector_dim() -> usize {
+    384
+}
 fn default_consistency() -> String {
     "LOCAL_QUORUM".into()
 }
@@ -122,6 +130,12 @@ impl SinkConfig {
         }
         if consistency(&c.consistency).is_none() {
             return err("consistency", format!("'{}' is not a CQL consistency (ONE, LOCAL_QUORUM, QUORUM, ...)", c.consistency));
+        }
+        if c.vector_dim > 8192 {
+            return err(
+                "vector_dim",
+                format!("{} is beyond the 8192 floats a CQL vector column holds here; set the model's embedding size (384 for MiniLM-L6), or 0 for no vector column", c.vector_dim),
+            );
         }
         if !c.replication.contains_key("class") {
             return err("replication", "needs a class (SimpleStrategy or NetworkTopologyStrategy)".into());

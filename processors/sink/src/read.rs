@@ -29,6 +29,9 @@ pub enum ReadError {
     /// The database failed (retry later).
     #[error("database: {0}")]
     Db(String),
+    /// The database cannot answer this kind of read (no vector column or ANN index).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 fn db(e: impl std::fmt::Display) -> ReadError {
@@ -84,6 +87,18 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
+}
+
 /// Encode a cursor: `(score, media_id)` of the last item returned.
 fn encode_token(score: f32, media_id: &str) -> String {
     let hex: String = media_id.bytes().map(|b| format!("{b:02x}")).collect();
@@ -107,13 +122,39 @@ fn decode_token(t: &str) -> Result<(f32, String), ReadError> {
     Ok((score, id))
 }
 
+/// One answer of a similarity read: an item and its cosine similarity to the query vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Neighbour {
+    /// The item.
+    pub media_id: String,
+    /// Its media kind.
+    pub kind: Option<String>,
+    /// Its title, as carried from the input.
+    pub title: Option<String>,
+    /// Cosine similarity of its pooled vector to the query's (1 = same direction).
+    pub similarity: f32,
+}
+
 /// Prepared read statements (prepare once per process).
 pub struct Reader {
     session: Arc<Session>,
+    keyspace: String,
     media: PreparedStatement,
     head: PreparedStatement,
     after: PreparedStatement,
+    /// The similarity statements, prepared on first use (the ANN index may come after start).
+    ann: tokio::sync::OnceCell<Ann>,
 }
+
+/// Prepared similarity reads.
+struct Ann {
+    vector: PreparedStatement,
+    any: PreparedStatement,
+    of_kind: PreparedStatement,
+}
+
+/// Most neighbours one similarity read returns.
+pub const MAX_NEIGHBOURS: usize = 100;
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,8 +193,70 @@ impl Reader {
             .await?,
             head: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? LIMIT ?")).await?,
             after: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?")).await?,
+            keyspace: ks.to_string(),
+            ann: tokio::sync::OnceCell::new(),
             session,
         })
+    }
+
+    /// The similarity statements, prepared once they can be: the server must have the
+    /// `media_embeddings.pooled` vector column and its ANN index (`topology apply` creates them
+    /// where the server supports them).
+    async fn ann(&self) -> Result<&Ann, ReadError> {
+        let ks = &self.keyspace;
+        self.ann
+            .get_or_try_init(|| async {
+                let unsupported = |e: &dyn std::fmt::Display| {
+                    ReadError::Unsupported(format!(
+                        "similar media needs the database's vector search: a `pooled` vector column on {ks}.media_embeddings with an ANN index \
+                         (Cassandra 5 storage-attached index, ScyllaDB vector search), created by `streamoasis topology apply` where the server has them; \
+                         this one refused the query: {e}"
+                    ))
+                };
+                let select = "SELECT media_id, kind, title, pooled";
+                let vector = self.session.prepare(format!("SELECT pooled FROM {ks}.media_embeddings WHERE media_id = ?")).await.map_err(|e| unsupported(&e))?;
+                let any = self.session.prepare(format!("{select} FROM {ks}.media_embeddings ORDER BY pooled ANN OF ? LIMIT ?")).await.map_err(|e| unsupported(&e))?;
+                let of_kind =
+                    self.session.prepare(format!("{select} FROM {ks}.media_embeddings WHERE kind = ? ORDER BY pooled ANN OF ? LIMIT ?")).await.map_err(|e| unsupported(&e))?;
+                Ok(Ann { vector, any, of_kind })
+            })
+            .await
+    }
+
+    /// The stored pooled vector of one item: `Ok(None)` when no embedding is stored for it.
+    pub async fn item_vector(&self, media_id: &str) -> Result<Option<Vec<f32>>, ReadError> {
+        let ann = self.ann().await?;
+        let r = self.session.execute_unpaged(&ann.vector, (media_id,)).await.map_err(db)?.into_rows_result().map_err(db)?;
+        Ok(r.maybe_first_row::<(Option<Vec<f32>>,)>().map_err(db)?.and_then(|(v,)| v))
+    }
+
+    /// The `k` items nearest `vector` by the database's ANN index (cosine), optionally of one
+    /// kind, most similar first, leaving out `exclude`. The similarity is computed here from
+    /// the vectors returned, so it is exact for the items the index found.
+    pub async fn nearest(&self, vector: &[f32], k: usize, kind: Option<&str>, exclude: Option<&str>) -> Result<Vec<Neighbour>, ReadError> {
+        let ann = self.ann().await?;
+        let limit = i32::try_from(k.min(MAX_NEIGHBOURS) + usize::from(exclude.is_some())).unwrap_or(i32::MAX);
+        let r = match kind {
+            Some(kind) => self.session.execute_unpaged(&ann.of_kind, (kind, vector, limit)).await,
+            None => self.session.execute_unpaged(&ann.any, (vector, limit)).await,
+        };
+        let r = r.map_err(|e| match e.to_string() {
+            m if m.contains("ANN") || m.contains("index") || m.contains("vector") => ReadError::Unsupported(format!("the database refused the similarity read: {m}")),
+            m => ReadError::Db(m),
+        })?;
+        let rows = r.into_rows_result().map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows.rows::<(String, Option<String>, Option<String>, Option<Vec<f32>>)>().map_err(db)? {
+            let (media_id, kind, title, pooled) = row.map_err(db)?;
+            if Some(media_id.as_str()) == exclude {
+                continue;
+            }
+            let Some(pooled) = pooled else { continue };
+            out.push(Neighbour { media_id, kind, title, similarity: cosine(vector, &pooled) });
+        }
+        out.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.media_id.cmp(&b.media_id)));
+        out.truncate(k);
+        Ok(out)
     }
 
     /// One item's row; `None` when the sink has not stored it.

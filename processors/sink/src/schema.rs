@@ -97,9 +97,77 @@ pub async fn apply(session: &Session, c: &SinkConfig) -> anyhow::Result<Vec<Stri
     }
     session.query_unpaged(by_tag_table(ks), ()).await?;
     session.query_unpaged(embeddings_table(ks), ()).await?;
+    if c.vector_dim > 0 {
+        changes.extend(apply_vectors(session, ks, c.vector_dim).await?);
+    }
     if migrate {
         let n = crate::read::rebuild_by_tag(session, ks).await?;
         changes.push(format!("migrated  {ks}.media_by_tag to (tag, bucket) partitions: {n} rows rebuilt from media_tags"));
+    }
+    Ok(changes)
+}
+
+/// Name of the ANN index on `media_embeddings.pooled`.
+pub const ANN_INDEX: &str = "media_embeddings_pooled_ann";
+
+/// The similar-media column of `media_embeddings` ([`vector_type`]), its ANN index (cosine) and
+/// an index on `kind` to filter ANN answers by kind, in Cassandra 5's storage-attached index
+/// syntax. The reads (`ORDER BY pooled ANN OF ? LIMIT k`) are the CQL ScyllaDB's vector search
+/// answers too; its index is created with its own syntax.
+pub fn vector_statements(ks: &str, dim: usize) -> [String; 3] {
+    [
+        format!("ALTER TABLE {ks}.media_embeddings ADD pooled {}", vector_type(dim)),
+        format!("CREATE CUSTOM INDEX IF NOT EXISTS {ANN_INDEX} ON {ks}.media_embeddings (pooled) USING 'StorageAttachedIndex' WITH OPTIONS = {{'similarity_function': 'cosine'}}"),
+        format!("CREATE CUSTOM INDEX IF NOT EXISTS media_embeddings_kind ON {ks}.media_embeddings (kind) USING 'StorageAttachedIndex'"),
+    ]
+}
+
+/// The CQL type of the pooled vector column.
+pub fn vector_type(dim: usize) -> String {
+    format!("vector<float, {dim}>")
+}
+
+/// The size of `media_embeddings.pooled`, when the column exists.
+pub async fn pooled_dim(session: &Session, ks: &str) -> anyhow::Result<Option<usize>> {
+    let r = session
+        .query_unpaged("SELECT type FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = 'pooled'", (ks, "media_embeddings"))
+        .await?
+        .into_rows_result()?;
+    let Some((t,)) = r.maybe_first_row::<(String,)>()? else { return Ok(None) };
+    let dim = t.rsplit(',').next().and_then(|d| d.trim().trim_end_matches('>').trim().parse().ok());
+    Ok(Some(dim.ok_or_else(|| anyhow::anyhow!("media_embeddings.pooled has type {t}, not a vector<float, N>"))?))
+}
+
+/// Add the vector column and its indexes where the server has them. A server without vector
+/// columns or without the index is not an error: the tagging tables work, the similar-media
+/// routes answer 501, and the change list says why and what to do.
+async fn apply_vectors(session: &Session, ks: &str, dim: usize) -> anyhow::Result<Vec<String>> {
+    let mut changes = Vec::new();
+    let [add, ann, kind] = vector_statements(ks, dim);
+    match pooled_dim(session, ks).await? {
+        Some(have) if have != dim => {
+            changes.push(format!(
+                "kept      column media_embeddings.pooled as {}, not {} (scylla.vector_dim): vectors of another size are not written; \
+                 to change it: ALTER TABLE {ks}.media_embeddings DROP pooled, apply again and `retag` to fill it",
+                vector_type(have),
+                vector_type(dim)
+            ));
+            return Ok(changes);
+        }
+        Some(_) => {}
+        None => match session.query_unpaged(add, ()).await {
+            Ok(_) => changes.push(format!("added     column media_embeddings.pooled {}", vector_type(dim))),
+            Err(e) => {
+                changes.push(format!("no vector column: this server refused `{}` ({e}); similar media and search answer 501", vector_type(dim)));
+                return Ok(changes);
+            }
+        },
+    }
+    for (what, q) in [("ANN index", ann), ("kind index", kind)] {
+        if let Err(e) = session.query_unpaged(q, ()).await {
+            changes.push(format!("no {what} on media_embeddings: this server refused it ({e}); similar media and search answer 501 until one exists"));
+            break;
+        }
     }
     Ok(changes)
 }

@@ -26,6 +26,10 @@ pub struct TagWriter {
     unlink: PreparedStatement,
     carry: PreparedStatement,
     embed: PreparedStatement,
+    /// `media_embeddings.pooled` and its size, where the column exists ([`crate::schema`]).
+    pooled: Option<(PreparedStatement, usize)>,
+    /// Whether a vector of another size than the column was seen (warned once).
+    pooled_mismatch: std::sync::atomic::AtomicBool,
     permits: Semaphore,
 }
 
@@ -169,6 +173,11 @@ impl TagWriter {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
+            pooled: match crate::schema::pooled_dim(&session, ks).await? {
+                Some(dim) => Some((prep(format!("UPDATE {ks}.media_embeddings USING TIMESTAMP ? SET pooled = ? WHERE media_id = ?")).await?, dim)),
+                None => None,
+            },
+            pooled_mismatch: std::sync::atomic::AtomicBool::new(false),
             permits: Semaphore::new(c.concurrency),
             session,
         })
@@ -270,13 +279,43 @@ impl TagWriter {
                 source_offset: e.lineage.offset,
                 ts_us,
             };
-            self.session.execute_unpaged(&self.embed, row).await.map(|_| ())
+            let pooled = self.pooled_vector(&e.media_id, m);
+            let vector = async {
+                match (&self.pooled, pooled) {
+                    (Some((q, _)), Some(v)) => self.session.execute_unpaged(q, (ts_us, v, &e.media_id)).await.map(|_| ()),
+                    _ => Ok(()),
+                }
+            };
+            let (row, vector) = tokio::join!(self.session.execute_unpaged(&self.embed, row), vector);
+            row.and(vector).map(|_| ())
         };
         let (main, carry, embed) = tokio::join!(main, carry, embed);
         main.map_err(|x| classify("write media_tags", &x))?;
         carry.map_err(|x| classify("write media_tags", &x))?;
         embed.map_err(|x| classify("write media_embeddings", &x))?;
         Ok(true)
+    }
+}
+
+impl TagWriter {
+    /// The item's pooled vector for the `pooled` column, when there is one and it fits it.
+    fn pooled_vector(&self, media_id: &str, m: &streamoasis_pipeline::events::ItemEmbedding) -> Option<Vec<f32>> {
+        let (_, dim) = self.pooled.as_ref()?;
+        match m.pooled() {
+            Ok(Some(v)) if v.len() == *dim => Some(v),
+            Ok(Some(v)) => {
+                if !self.pooled_mismatch.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(media_id, vector = v.len(), column = *dim,
+                        "the model's vectors do not fit media_embeddings.pooled: set scylla.vector_dim to {} and follow `streamoasis topology apply`'s advice; similar media skips these items", v.len());
+                }
+                None
+            }
+            Ok(None) => None,
+            Err(why) => {
+                tracing::warn!(media_id, %why, "embedding rows unreadable: no pooled vector stored");
+                None
+            }
+        }
     }
 }
 
