@@ -62,6 +62,9 @@ pub enum Command {
     /// Re-tag archived items: re-send ingest records to the ingest topic (after a taxonomy or
     /// model change), from a time, offsets or a list of media ids.
     Retag(RetagArgs),
+    /// Compare the tags of a shadow configuration (its own topic and keyspace) with the live
+    /// ones: top-1 agreement, per-label precision and recall, the largest disagreements.
+    Compare(CompareArgs),
     /// Dead letters.
     Dlq {
         #[command(subcommand)]
@@ -270,6 +273,20 @@ pub struct TagArgs {
     /// Labels to use instead of the taxonomy (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The shadow's topology file (its `scylla.keyspace` differs from the live one's, which
+    /// --topology names).
+    #[arg(long)]
+    pub shadow: PathBuf,
+    /// How many of the largest disagreements to show.
+    #[arg(long, default_value_t = 10)]
+    pub examples: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

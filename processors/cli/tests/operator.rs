@@ -242,3 +242,84 @@ fn plain(log: &str) -> String {
     }
     out
 }
+
+/// A tagged event with the given tags, as the sink receives one.
+fn tagged_event(id: &str, tags: &[(&str, f32)], offset: i64) -> MediaTagged {
+    use streamoasis_pipeline::events::{Lineage, MediaKind, ModelRef, Strategy, Tag};
+    MediaTagged {
+        media_id: id.into(),
+        kind: MediaKind::Episode,
+        tags: tags.iter().map(|(l, s)| Tag { label: l.to_string(), score: *s }).collect(),
+        no_tags_reason: None,
+        strategy: Strategy::Embedding,
+        model: ModelRef { name: "m".into(), version: "1".into() },
+        ingested_at: 1_700_000_000_000,
+        tagged_at: 1_700_000_001_000 + offset,
+        lineage: Lineage { topic: "t".into(), partition: 0, offset },
+        title: Some(format!("Title of {id}")),
+        source: None,
+        language: None,
+        attributes: HashMap::new(),
+        taxonomy_version: None,
+        embedding: None,
+    }
+}
+
+#[test]
+fn compare_reports_a_shadow_keyspaces_agreement_with_the_live_one() {
+    streamoasis_testkit::require_stack!();
+    let keyspace = |name: String| move |t: &mut serde_yaml::Value| t["scylla"]["keyspace"] = name.into();
+    let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+    let live = topology_with("compare", keyspace(format!("live_{id}")));
+    let shadow = topology_with("compare-shadow", keyspace(format!("shadow_{id}")));
+    // 30 items in both: the shadow moves every third item's best tag from sport to business and
+    // adds tech to every fifth; two items only live, one only in the shadow.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (t, shadow_side) in [(&live, false), (&shadow, true)] {
+        let out = run(t, &["topology", "apply"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        rt.block_on(async {
+            let topo = streamoasis_pipeline::topology::Topology::load(&t.path).unwrap();
+            let cfg = streamoasis_sink::SinkConfig::from_topology(&topo).unwrap();
+            let session = std::sync::Arc::new(streamoasis_sink::connect(&common::proc::scylla(), &cfg).await.unwrap());
+            let w = streamoasis_sink::TagWriter::new(session, &cfg).await.unwrap();
+            for i in 0..30 {
+                let mut tags = vec![("sport", 0.9), ("business", 0.4)];
+                if shadow_side && i % 3 == 0 {
+                    tags = vec![("business", 0.8), ("sport", 0.3)];
+                }
+                if shadow_side && i % 5 == 0 {
+                    tags.push(("tech", 0.2));
+                }
+                assert!(w.write(&tagged_event(&format!("cmp-{i:02}"), &tags, i)).await.unwrap());
+            }
+            let extra: &[&str] = if shadow_side { &["cmp-shadow-only"] } else { &["cmp-live-only-1", "cmp-live-only-2"] };
+            for (j, x) in extra.iter().enumerate() {
+                assert!(w.write(&tagged_event(x, &[("sport", 0.5)], 100 + j as i64)).await.unwrap());
+            }
+        });
+    }
+    let out = run(&live, &["compare", "--shadow", shadow.path.to_str().unwrap(), "--json", "--examples", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r["both"].as_u64(), r["live_only"].as_u64(), r["shadow_only"].as_u64()), (Some(30), Some(2), Some(1)), "{r}");
+    assert_eq!(r["top1_agree"], 20, "10 of 30 best tags moved");
+    assert!((r["top1_agreement"].as_f64().unwrap() - 20.0 / 30.0).abs() < 1e-9);
+    let l = &r["labels"];
+    assert_eq!((l["sport"]["live"].as_u64(), l["sport"]["shadow"].as_u64(), l["sport"]["both"].as_u64()), (Some(30), Some(30), Some(30)));
+    assert_eq!((l["tech"]["live"].as_u64(), l["tech"]["shadow"].as_u64(), l["tech"]["precision"].as_f64(), l["tech"]["recall"].is_null()), (Some(0), Some(6), Some(0.0), true));
+    let d = r["disagreements"].as_array().unwrap();
+    assert_eq!(d.len(), 4);
+    // The largest: a moved best tag plus tech (items 0, 15: i % 15 == 0), then moved-only ones.
+    let ids: Vec<&str> = d.iter().map(|x| x["media_id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..2], ["cmp-00", "cmp-15"], "{r}");
+    assert_eq!(d[0]["title"], "Title of cmp-00");
+    // The same live keyspace as the shadow is refused, naming the fix.
+    let out = run(&live, &["compare", "--shadow", live.path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("give the shadow its own scylla.keyspace"), "{}", stderr(&out));
+    // The text report names the agreement.
+    let out = run(&live, &["compare", "--shadow", shadow.path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("top-1 agreement 66.7% (20 of 30)"), "{text}");
+}

@@ -329,6 +329,20 @@ pub async fn count_by_version(session: &Session, keyspace: &str) -> anyhow::Resu
     Ok(out)
 }
 
+/// Every item's stored tags (a paged full scan of `media_tags`): media id → (tags, title).
+pub async fn all_tags(session: &Session, keyspace: &str) -> anyhow::Result<HashMap<String, (HashMap<String, f32>, Option<String>)>> {
+    let mut rows = session
+        .query_iter(format!("SELECT media_id, tags, title FROM {keyspace}.media_tags"), ())
+        .await?
+        .rows_stream::<(String, Option<HashMap<String, f32>>, Option<String>)>()?;
+    let mut out = HashMap::new();
+    while let Some(row) = rows.next().await {
+        let (id, tags, title) = row?;
+        out.insert(id, (tags.unwrap_or_default(), title));
+    }
+    Ok(out)
+}
+
 /// Rows of `media_by_tag` for `tag` (every bucket).
 pub async fn count_by_tag(session: &Session, keyspace: &str, tag: &str) -> anyhow::Result<i64> {
     let mut n = 0;

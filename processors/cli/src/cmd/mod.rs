@@ -9,6 +9,7 @@
 //! - [`api`]: `api` (the REST and gRPC server), `api token`, `api call`.
 //! - [`retag`]: `retag`, archived ingest records re-sent.
 //! - [`dlq`]: `dlq replay`, dead letters re-sent.
+//! - [`compare`]: `compare`, a shadow configuration's stored tags against the live ones.
 //!
 //! This file dispatches and holds what several commands share: loading the topology, the broker
 //! wait, the signal handlers, time and input parsing.
@@ -28,6 +29,7 @@ use streamoasis_tagger::Tagger;
 use crate::cli::{Cli, Command, Common, DlqAction, TopologyAction};
 
 mod api;
+mod compare;
 mod db;
 mod dlq;
 mod produce;
@@ -62,6 +64,7 @@ async fn command(c: &Common, command: Command, shutdown: CancellationToken) -> a
         Command::Db { action } => db::run(c, action).await,
         Command::Api(a) => api::run(c, a, shutdown).await,
         Command::Retag(a) => retag::run(c, a).await,
+        Command::Compare(a) => compare::run(c, a).await,
         Command::Dlq { action: DlqAction::Replay(a) } => dlq::replay(c, a).await,
     }
 }

@@ -29,6 +29,10 @@ pub fn registry() -> String {
     env::get(env::SCHEMA_REGISTRY_URL, env::DEFAULT_REGISTRY)
 }
 
+pub fn scylla() -> String {
+    env::get(env::SCYLLA_URI, env::DEFAULT_SCYLLA)
+}
+
 /// A copy of topology.yaml with unique names, written to a temp folder.
 pub struct Topo {
     pub dir: PathBuf,
