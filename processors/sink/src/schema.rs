@@ -45,12 +45,14 @@ pub fn statements(c: &SinkConfig) -> Vec<String> {
 
 /// What the model read of each item (`tagging.store_embeddings`), with the fields a tagged event
 /// carries, so `retag --from-embeddings` can emit events from this table alone.
+/// `candidate_labels` is a frozen list: one cell, so an event written again with the same
+/// timestamp (at-least-once delivery) leaves one copy (a plain list would keep both writes' elements).
 pub fn embeddings_table(ks: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {ks}.media_embeddings (\
          media_id text PRIMARY KEY, \
          embedding_version text, model text, text_hash text, dim int, lead blob, windows blob, \
-         lead_evidence int, has_body boolean, candidate_labels list<text>, \
+         lead_evidence int, has_body boolean, candidate_labels frozen<list<text>>, \
          kind text, title text, source text, language text, attributes map<text, text>, \
          ingested_at timestamp, tagged_at timestamp, \
          source_topic text, source_partition int, source_offset bigint)"

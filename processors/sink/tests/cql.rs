@@ -116,3 +116,37 @@ async fn taxonomy_versions_are_stored_and_counted() {
     let want = std::collections::BTreeMap::from([((m.clone(), None), 1u64), ((m.clone(), Some("tx-aaaa".to_string())), 1), ((m.clone(), Some("tx-bbbb".to_string())), 1)]);
     assert_eq!(counts, want);
 }
+
+#[tokio::test]
+async fn a_replayed_event_leaves_its_embedding_row_as_written_once() {
+    streamoasis_testkit::require_stack!();
+    let (s, c) = setup().await;
+    let w = TagWriter::new(s.clone(), &c).await.unwrap();
+    let rows = vec![vec![0.6f32; 384], vec![0.8f32; 384]];
+    let e = MediaTagged {
+        embedding: Some(streamoasis_pipeline::events::ItemEmbedding {
+            embedding_version: "ev-1".into(),
+            text_hash: "th-1".into(),
+            dim: 384,
+            lead: None,
+            windows: Some(streamoasis_pipeline::events::rows_to_bytes(&rows)),
+            lead_evidence: None,
+            has_body: false,
+            candidate_labels: Some(vec!["money".into(), "games".into()]),
+        }),
+        ..event("e1", 1_000_000, &[("money", 0.7)])
+    };
+    // At-least-once delivery writes an event again with the same timestamp: a non-frozen list
+    // would keep both writes' elements (["money", "games", "money", "games"]).
+    assert!(w.write(&e).await.unwrap());
+    assert!(w.write(&e).await.unwrap());
+    let back: Vec<MediaTagged> =
+        futures::StreamExt::collect::<Vec<_>>(streamoasis_sink::read::stored_embeddings(&s, &c.keyspace).await.unwrap()).await.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].embedding, e.embedding, "the row is the event's, once");
+    let ks = &c.keyspace;
+    let r = s.query_unpaged(format!("SELECT pooled FROM {ks}.media_embeddings WHERE media_id = 'e1'"), ()).await.unwrap().into_rows_result().unwrap();
+    let (pooled,): (Vec<f32>,) = r.single_row().unwrap();
+    let want = 0.7 / (384f32 * 0.49).sqrt();
+    assert!(pooled.len() == 384 && pooled.iter().all(|x| (x - want).abs() < 1e-6), "the mean of the rows, normalised: {}", pooled[0]);
+}
