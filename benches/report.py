@@ -471,6 +471,15 @@ def main() -> None:
                 "in process (the model's cost vs the re-scoring's; Kafka and the CQL scan are not in either figure). "
                 "Method and limits: docs/embeddings.md.", ""]
         out += retag.read_text().rstrip("\n").split("\n") + [""]
+        reingest = RES / "reingest.md"
+        if reingest.is_file():
+            out += ["### Re-ingest of unchanged items vs a cold pass (same run)", "",
+                    "The tagger processor as the stream runs it, with `store_embeddings` on and the sink's table as its store: "
+                    "each item is looked up in `media_embeddings` first, then tagged (by the model, or from its stored rows), "
+                    "and its event written by the sink's writer. Method and limits: docs/embeddings.md.", ""]
+            out += reingest.read_text().rstrip("\n").split("\n") + [""]
+        if (RES / "plots" / "retag.png").is_file():
+            out += ["![items/s of each way to tag stored items again](benches/results/plots/retag.png)", ""]
     similar = RES / "similar.md"
     if similar.is_file():
         out += ["## Similar media: the database's ANN index vs an exact scan (`./benches/run similar`)", "",

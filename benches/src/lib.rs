@@ -55,3 +55,47 @@ pub fn matmul_peak_gflops(seconds: f64) -> f64 {
     }
     best
 }
+
+#[derive(serde::Deserialize)]
+struct Item {
+    title: String,
+    #[serde(default, alias = "overview")]
+    description: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Characters of an article body per extra item (about one window of the model).
+const BODY_PART: usize = 1200;
+
+/// Items of one file: each line's title + description; with `body_parts`, also the first
+/// `body_parts` stretches of its body text as items of their own (clips of the article).
+fn read_items(path: &std::path::Path, kind: &str, body_parts: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e} (./benches/run prepares it)", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let i: Item = serde_json::from_str(line)?;
+        let lead = match i.description.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
+            Some(d) => format!("{}\n{d}", i.title.trim()),
+            None => i.title.trim().to_string(),
+        };
+        out.push((lead, kind.to_string()));
+        let body: Vec<char> = i.text.as_deref().unwrap_or_default().chars().collect();
+        for part in body.chunks(BODY_PART).take(body_parts).filter(|c| c.len() >= BODY_PART / 2) {
+            out.push((part.iter().collect::<String>().trim().to_string(), "CLIP".to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Up to `n` distinct items (text, kind) of real media: TMDB films (title + overview), then BBC
+/// News articles (title + description) and the first three stretches of each article's body as
+/// clips of their own: about one model window each.
+pub fn corpus(films: &std::path::Path, bbc: &std::path::Path, n: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let mut items = read_items(films, "MOVIE", 0)?;
+    items.extend(read_items(bbc, "ARTICLE", 3)?);
+    let mut seen = std::collections::HashSet::new();
+    items.retain(|(t, _)| seen.insert(t.clone()));
+    items.truncate(n);
+    Ok(items)
+}

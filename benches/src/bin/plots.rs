@@ -42,8 +42,9 @@ fn main() -> Result<()> {
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
     type Plot = fn(&Value, &Path) -> Result<()>;
-    let plots: [(&str, Plot); 7] = [
+    let plots: [(&str, Plot); 8] = [
         ("precision", precision),
+        ("retag", retag),
         ("precision-candidates", candidates),
         ("throughput", throughput),
         ("windows", windows),
@@ -211,6 +212,50 @@ fn windows(v: &Value, png: &Path) -> Result<()> {
         chart.draw_series(std::iter::once(Circle::new((*x, *y), 6, c.filled())))?.label(name.as_str()).legend(move |(px, py)| Circle::new((px + 8, py), 5, c.filled()));
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 13)).position(SeriesLabelPosition::LowerRight).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Items/s of each way to tag stored items again, log scale (`./benches/run retag`): a taxonomy
+/// change through the model vs from stored embeddings (retag.json), and a cold pass vs a
+/// re-ingest of unchanged items (reingest.json beside it, when present).
+fn retag(v: &Value, png: &Path) -> Result<()> {
+    let mut bars: Vec<(String, f64)> = vec![
+        ("retag: model".into(), f(v, "model_retag_items_per_s").context("retag.json: no model_retag_items_per_s")?),
+        ("retag: stored embeddings".into(), f(v, "from_embeddings_items_per_s").context("retag.json: no from_embeddings_items_per_s")?),
+    ];
+    let sibling = png.parent().and_then(Path::parent).map(|d| d.join("reingest.json"));
+    if let Some(r) = sibling.and_then(|p| std::fs::read_to_string(p).ok()).and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+        if let (Some(cold), Some(again)) = (f(&r, "cold_items_per_s"), f(&r, "reingest_items_per_s")) {
+            bars.push(("ingest: cold pass".into(), cold));
+            bars.push(("ingest: again, unchanged".into(), again));
+        }
+    }
+    let y_max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 3.0;
+    let y_min = bars.iter().map(|b| b.1).fold(f64::MAX, f64::min).max(0.1) / 3.0;
+    let root = BitMapBackend::new(png, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Tagging stored items again: items/s (log scale, same run per pair)", ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(-0.5f64..(bars.len() as f64 - 0.5), (y_min..y_max).log_scale())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|x| names.get(x.round() as usize).filter(|_| (x - x.round()).abs() < 0.01).cloned().unwrap_or_default())
+        .y_desc("items/s")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (i, (_, rate)) in bars.iter().enumerate() {
+        let c = COLORS[(i / 2) % COLORS.len()];
+        let x = i as f64;
+        chart.draw_series(std::iter::once(Rectangle::new([(x - 0.3, y_min), (x + 0.3, *rate)], c.mix(if i % 2 == 0 { 0.45 } else { 0.9 }).filled())))?;
+        chart.draw_series(std::iter::once(Text::new(format!("{rate:.0}"), (x - 0.1, rate * 1.25), ("sans-serif", 16))))?;
+    }
     root.present()?;
     Ok(())
 }

@@ -19,7 +19,6 @@ use std::time::Instant;
 
 use clap::Parser;
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::json;
 use streamoasis_pipeline::env;
 use streamoasis_pipeline::topology::Topology;
@@ -50,38 +49,6 @@ struct Args {
     out: PathBuf,
 }
 
-#[derive(Deserialize)]
-struct Item {
-    title: String,
-    #[serde(default, alias = "overview")]
-    description: Option<String>,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-/// Characters of an article body per extra item (about one window of the model).
-const BODY_PART: usize = 1200;
-
-/// Items of one file: each line's title + description; with `body_parts`, also the first
-/// `body_parts` stretches of its body text as items of their own (clips of the article).
-fn read_items(path: &PathBuf, kind: &str, body_parts: usize) -> anyhow::Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e} (run ./benches/run similar, which prepares it)", path.display()))?;
-    let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let i: Item = serde_json::from_str(line)?;
-        let lead = match i.description.as_deref().map(str::trim).filter(|d| !d.is_empty()) {
-            Some(d) => format!("{}\n{d}", i.title.trim()),
-            None => i.title.trim().to_string(),
-        };
-        out.push((lead, kind.to_string()));
-        let body: Vec<char> = i.text.as_deref().unwrap_or_default().chars().collect();
-        for part in body.chunks(BODY_PART).take(body_parts).filter(|c| c.len() >= BODY_PART / 2) {
-            out.push((part.iter().collect::<String>().trim().to_string(), "CLIP".to_string()));
-        }
-    }
-    Ok(out)
-}
-
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -92,11 +59,7 @@ fn pct(v: &[f64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let topo = Topology::load(&a.topology)?;
-    let mut items = read_items(&a.films, "MOVIE", 0)?;
-    items.extend(read_items(&a.bbc, "ARTICLE", 3)?);
-    let mut seen = HashSet::new();
-    items.retain(|(t, _)| seen.insert(t.clone()));
-    items.truncate(a.items);
+    let items = streamoasis_benches::corpus(&a.films, &a.bbc, a.items)?;
     let n = items.len();
     anyhow::ensure!(n > a.k, "only {n} items in the data");
 

@@ -15,6 +15,7 @@
 //! | [`ApiError::Timeout`] | `timeout` | 504 | `DEADLINE_EXCEEDED` |
 //! | [`ApiError::NotFound`] | `not_found` | 404 | `NOT_FOUND` |
 //! | [`ApiError::Unavailable`] | `unavailable` | 503 (+ `Retry-After` when known) | `UNAVAILABLE` |
+//! | [`ApiError::NeedsModel`] | `needs_model` | 409 | `FAILED_PRECONDITION` |
 //! | [`ApiError::NotImplemented`] | `not_implemented` | 501 | `UNIMPLEMENTED` |
 //! | [`ApiError::Internal`] | `internal` | 500 | `INTERNAL` |
 
@@ -76,6 +77,10 @@ pub enum ApiError {
         /// Seconds to wait, when known (`Retry-After`).
         retry_after: Option<u64>,
     },
+    /// A retag from stored embeddings the rows cannot answer: the item must go through the
+    /// model (the message says how).
+    #[error("{0}")]
+    NeedsModel(String),
     /// A capability the deployment lacks (named, with what provides it).
     #[error("{0}")]
     NotImplemented(String),
@@ -107,6 +112,7 @@ impl ApiError {
             ApiError::Timeout => "timeout",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable { .. } => "unavailable",
+            ApiError::NeedsModel(_) => "needs_model",
             ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Internal(_) => "internal",
         }
@@ -123,6 +129,7 @@ impl ApiError {
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NeedsModel(_) => StatusCode::CONFLICT,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -137,6 +144,7 @@ impl ApiError {
             ApiError::Timeout => Code::DeadlineExceeded,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::Unavailable { .. } => Code::Unavailable,
+            ApiError::NeedsModel(_) => Code::FailedPrecondition,
             ApiError::NotImplemented(_) => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
         }

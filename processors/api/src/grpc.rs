@@ -1,5 +1,5 @@
 //! gRPC: `streamoasis.v1.Tagger` (`Tag`, bidirectional `TagStream`) on the shared batcher,
-//! `Similar` and `Search` on the read path,
+//! `Similar` and `Search` on the read path, `Retag` from a stored embedding,
 //! the same JWT in the `authorization` metadata, and server reflection (v1) so `grpcurl`
 //! and similar tools discover the service.
 //!
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ApiError;
 use crate::proto::tagger_server::{Tagger as TaggerRpc, TaggerServer};
-use crate::proto::{Neighbour, NeighboursResponse, SearchRequest, SimilarRequest, Tag, TagRequest, TagResponse};
+use crate::proto::{Neighbour, NeighboursResponse, RetagRequest, RetagResponse, SearchRequest, SimilarRequest, Tag, TagRequest, TagResponse};
 use crate::validate::TagInput;
 use crate::ApiState;
 
@@ -102,6 +102,18 @@ impl TaggerRpc for TaggerService {
         let r = request.into_inner();
         let items = self.state.search(&r.text, nonzero(r.k), r.kind.as_deref()).await?;
         Ok(Response::new(neighbours(items)))
+    }
+
+    async fn retag(&self, request: Request<RetagRequest>) -> Result<Response<RetagResponse>, Status> {
+        let r = self.state.retag(&request.into_inner().media_id).await?;
+        Ok(Response::new(RetagResponse {
+            media_id: r.media_id,
+            tags: r.tags.into_iter().map(|t| Tag { label: t.label, score: t.score }).collect(),
+            no_tags_reason: r.no_tags_reason,
+            model: r.model,
+            taxonomy_version: r.taxonomy_version,
+            topic: r.topic,
+        }))
     }
 }
 

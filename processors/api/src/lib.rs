@@ -95,6 +95,8 @@ pub struct Ingest {
     pub codec: Arc<Codec>,
     /// The ingest topic (the tagger's input).
     pub topic: String,
+    /// The tags topic (the tagger's output), where a retag from stored embeddings goes.
+    pub tags_topic: Option<String>,
 }
 
 /// Everything the handlers share.
@@ -217,6 +219,38 @@ impl ApiState {
     }
 }
 
+impl ApiState {
+    /// Tag one stored item again from its stored embedding under the current taxonomy (no model
+    /// pass over its text) and produce the tagged event to the tags topic, as `streamoasis retag
+    /// --from-embeddings` does for every item; the sink updates its row. 404 when no embedding is
+    /// stored for it; 409 `needs_model` when the rows cannot answer (another model or windowing,
+    /// or only its title and description were read and the taxonomy now needs the body).
+    pub async fn retag(&self, media_id: &str) -> Result<types::RetagResponse, ApiError> {
+        let reader = self.reader()?;
+        let topic = self.ingest.tags_topic.as_deref().ok_or_else(|| ApiError::not_configured("the tags topic (processors.tagger.output)"))?;
+        let stored = reader.stored_item(media_id).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("no embedding stored for '{media_id}': not tagged yet, or tagged while tagging.store_embeddings was off (turn it on and retag)"))
+        })?;
+        let e = self.tagger.retag_stored(stored).await?.ok_or_else(|| {
+            ApiError::NeedsModel(format!(
+                "the stored rows of '{media_id}' cannot answer under the current settings (another model or windowing, or only its title and description \
+                 were read and the taxonomy now needs the body): send the item again (POST /v1/media) or run `streamoasis retag --ids {media_id}`"
+            ))
+        })?;
+        let bytes = self.ingest.codec.encode(topic, &e).await.map_err(|x| ApiError::unavailable(format!("schema registry: {x}")))?;
+        let record = rdkafka::producer::FutureRecord::to(topic).key(&e.media_id).payload(&bytes);
+        self.ingest.producer.send(record, self.limits.request_timeout).await.map_err(|(x, _)| ApiError::unavailable(format!("kafka: {x}")))?;
+        Ok(types::RetagResponse {
+            media_id: e.media_id,
+            tags: e.tags.into_iter().map(|t| types::TagOut { label: t.label, score: t.score }).collect(),
+            no_tags_reason: e.no_tags_reason,
+            model: format!("{}@{}", e.model.name, e.model.version),
+            taxonomy_version: e.taxonomy_version.unwrap_or_default(),
+            topic: topic.to_string(),
+        })
+    }
+}
+
 /// Where the services are (every command and test fills this the same way; defaults in
 /// `streamoasis_pipeline::env`).
 #[derive(Debug, Clone)]
@@ -244,6 +278,7 @@ pub async fn state(conn: &Connections, topo: &Topology, tagger: Arc<Tagger>, aut
         producer: streamoasis_pipeline::kafka::producer(&conn.kafka, &topo.file.kafka.client)?,
         codec: Arc::new(Codec::new(&conn.registry)?),
         topic: topo.file.processors.tagger.input.clone(),
+        tags_topic: topo.file.processors.tagger.output.clone(),
     };
     let alive = tagger.clone();
     let health = health(move || alive.is_alive());

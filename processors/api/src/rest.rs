@@ -28,7 +28,7 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::types::{
     Accepted, ByTagItem, ByTagQuery, ByTagResponse, ErrorBody, ErrorDetail, GenerateMetadataResponse, MediaBatch, MediaBody, MediaItem, MediaTagsResponse, Metadata, Neighbour,
-    NeighboursResponse, SearchBody, SimilarQuery, TagBody, TagOut, TagResponse, MEDIA_BODY_SHAPE,
+    NeighboursResponse, RetagResponse, SearchBody, SimilarQuery, TagBody, TagOut, TagResponse, MEDIA_BODY_SHAPE,
 };
 use crate::validate::{self, FieldError, TagInput};
 use crate::ApiState;
@@ -197,6 +197,21 @@ async fn search(State(st): State<Arc<ApiState>>, body: Result<Bytes, BytesReject
     Ok(Json(NeighboursResponse::new(None, items)))
 }
 
+/// Tag one stored item again from its stored embedding under the current taxonomy, without the
+/// model, and produce the tagged event to the tags topic (the sink updates the row).
+#[utoipa::path(post, path = "/v1/media/{media_id}/retag",
+    params(("media_id" = String, Path, description = "The item's media id")),
+    responses(
+        (status = 200, description = "Tagged again and produced", body = RetagResponse),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No embedding stored for the item", body = ErrorBody),
+        (status = 409, description = "The stored rows cannot answer: the item needs the model (`needs_model`, the message says how)", body = ErrorBody),
+        (status = 503, description = "Database, registry or Kafka unavailable", body = ErrorBody)),
+    security(("bearer_jwt" = [])))]
+async fn retag(State(st): State<Arc<ApiState>>, Path(media_id): Path<String>) -> Result<Json<RetagResponse>, ApiError> {
+    Ok(Json(st.retag(&media_id).await?))
+}
+
 /// Enqueue items to the ingest topic (answered once Kafka acknowledged every one). The body is
 /// a batch `{"items": [item, ...]}` or one item on its own.
 #[utoipa::path(post, path = "/v1/media", request_body = MediaBody,
@@ -307,8 +322,8 @@ impl utoipa::Modify for Security {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "streamoasis", description = "Zero-shot media tagging: synchronous tagging on the stream's batcher, the stored tags, enqueueing."),
-    paths(tag, media_tags, by_tag, similar, search, post_media, generate_metadata, healthz, readyz, metrics),
-    components(schemas(ErrorBody, ErrorDetail, TagBody, TagOut, TagResponse, MediaTagsResponse, ByTagItem, ByTagResponse, SearchBody, Neighbour, NeighboursResponse, MediaBody, MediaBatch, MediaItem, Accepted, GenerateMetadataResponse, Metadata)),
+    paths(tag, media_tags, by_tag, similar, search, retag, post_media, generate_metadata, healthz, readyz, metrics),
+    components(schemas(ErrorBody, ErrorDetail, TagBody, TagOut, TagResponse, MediaTagsResponse, ByTagItem, ByTagResponse, SearchBody, Neighbour, NeighboursResponse, RetagResponse, MediaBody, MediaBatch, MediaItem, Accepted, GenerateMetadataResponse, Metadata)),
     modifiers(&Security)
 )]
 struct ApiDoc;
@@ -363,6 +378,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/tags/{tag}/media", get(by_tag))
         .route("/v1/media/{media_id}/similar", get(similar))
         .route("/v1/search", post(search))
+        .route("/v1/media/{media_id}/retag", post(retag))
         .route("/v1/media", post(post_media))
         .route("/generate-metadata/{video_id}", get(generate_metadata))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));

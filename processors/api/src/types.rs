@@ -96,6 +96,24 @@ pub struct TagResponse {
     pub taxonomy_version: String,
 }
 
+/// `POST /v1/media/{media_id}/retag` answer: the item's tags under the current taxonomy,
+/// computed from its stored embedding (no model pass) and produced to the tags topic.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RetagResponse {
+    /// The item.
+    pub media_id: String,
+    /// Tags, best first.
+    pub tags: Vec<TagOut>,
+    /// Why `tags` is empty, if it is.
+    pub no_tags_reason: Option<String>,
+    /// `name@version` of the model whose embedding the tags were scored from.
+    pub model: String,
+    /// The taxonomy the tags were made with.
+    pub taxonomy_version: String,
+    /// Where the tagged event went (the sink updates the row from it).
+    pub topic: String,
+}
+
 /// `GET /v1/media/{media_id}/tags` answer: what the sink stored.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MediaTagsResponse {

@@ -269,7 +269,16 @@ async fn auth_failures_are_401_with_json_and_open_routes_stay_open() {
         assert_eq!(fx.client.get(format!("{}{path}", fx.http)).send().await.unwrap().text().await.unwrap(), answer, "{path}");
     }
     let doc: Value = fx.client.get(format!("{}/openapi.json", fx.http)).send().await.unwrap().json().await.unwrap();
-    for p in ["/v1/tag", "/v1/media/{media_id}/tags", "/v1/tags/{tag}/media", "/v1/media", "/generate-metadata/{video_id}"] {
+    for p in [
+        "/v1/tag",
+        "/v1/media/{media_id}/tags",
+        "/v1/tags/{tag}/media",
+        "/v1/media",
+        "/v1/media/{media_id}/similar",
+        "/v1/search",
+        "/v1/media/{media_id}/retag",
+        "/generate-metadata/{video_id}",
+    ] {
         assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
     }
     let metrics = fx.client.get(format!("{}/metrics", fx.http)).send().await.unwrap().text().await.unwrap();
@@ -689,6 +698,82 @@ async fn similar_and_search_answer_from_the_databases_ann_index_over_stored_embe
     assert_eq!(g.items[0].media_id, "sim-17");
     let e = c.similar(grpc_req(&fx, SimilarRequest { media_id: "none-such".into(), k: 3, kind: None })).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    fx.shutdown().await;
+}
+
+/// `POST /v1/media/{id}/retag` (and gRPC `Retag`): a stored item tagged again from its stored
+/// embedding gets the model's tags, and the event reaches the tags topic; an item whose rows
+/// cannot answer is refused with `needs_model` naming the fix; none stored is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retag_from_a_stored_embedding_answers_the_models_tags_and_produces_them() {
+    streamoasis_testkit::require_stack!();
+    let fx = fixture(|m| set(m, &["store_embeddings"], true.into()), None).await;
+    let cfg = SinkConfig::from_topology(&fx.topo).unwrap();
+    let session = Arc::new(streamoasis_sink::connect(fx.conn.scylla.as_ref().unwrap(), &cfg).await.unwrap());
+    let w = TagWriter::new(session.clone(), &cfg).await.unwrap();
+    let texts = [
+        ("rt-0", "Shares fell sharply as the bank reported a quarterly loss"),
+        ("rt-1", "The striker scored twice as the team won the cup final"),
+        ("rt-2", "Parliament votes on the budget after a long debate"),
+    ];
+    let mut model = HashMap::new();
+    for (i, (id, title)) in texts.iter().enumerate() {
+        let req = streamoasis_tagger::TagRequest { title: title.to_string(), kind: MediaKind::Episode, ..Default::default() };
+        let r = fx.tagger.tag(&req).await.unwrap();
+        let mut e = tagged(id, &[("stale", 0.1)], i as i64);
+        e.title = Some(title.to_string());
+        let mut emb = r.embedding.clone().unwrap().to_event(None);
+        if *id == "rt-2" {
+            emb.embedding_version = "ev-another-model".into();
+        }
+        e.embedding = Some(emb);
+        assert!(w.write(&e).await.unwrap());
+        model.insert(id.to_string(), r);
+    }
+    let output = fx.topo.file.processors.tagger.output.clone().unwrap();
+    for id in ["rt-0", "rt-1"] {
+        let (s, v) = fx.post(&format!("/v1/media/{id}/retag"), &json!({})).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let m = &model[id];
+        let got: Vec<(String, f32)> = v["tags"].as_array().unwrap().iter().map(|t| (t["label"].as_str().unwrap().to_string(), t["score"].as_f64().unwrap() as f32)).collect();
+        assert_eq!(got.iter().map(|t| t.0.clone()).collect::<Vec<_>>(), m.tags.iter().map(|t| t.label.clone()).collect::<Vec<_>>(), "{id}: the model's tags");
+        for (g, t) in got.iter().zip(&m.tags) {
+            assert!((g.1 - t.score).abs() <= 1e-5, "{id}: {} vs {}", g.1, t.score);
+        }
+        assert_eq!(v["taxonomy_version"], m.taxonomy_version.as_str());
+        assert_eq!(v["topic"], output.as_str());
+        assert_eq!(v["model"], format!("{}@{}", fx.tagger.model_ref().name, fx.tagger.model_ref().version).as_str());
+    }
+    // The rows cannot answer (another model's embedding): refused, naming the fix; none stored: 404.
+    let (s, v) = fx.post("/v1/media/rt-2/retag", &json!({})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("needs_model")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("retag --ids rt-2"), "{v}");
+    let (s, v) = fx.post("/v1/media/none-such/retag", &json!({})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{v}");
+    // gRPC answers the same.
+    let mut c = TaggerClient::connect(fx.grpc.clone()).await.unwrap();
+    use streamoasis_api::proto::RetagRequest;
+    let g = c.retag(grpc_req(&fx, RetagRequest { media_id: "rt-1".into() })).await.unwrap().into_inner();
+    assert_eq!(g.tags.iter().map(|t| t.label.clone()).collect::<Vec<_>>(), model["rt-1"].tags.iter().map(|t| t.label.clone()).collect::<Vec<_>>());
+    assert_eq!(g.topic, output);
+    assert_eq!(c.retag(grpc_req(&fx, RetagRequest { media_id: "rt-2".into() })).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    assert_eq!(c.retag(grpc_req(&fx, RetagRequest { media_id: "none-such".into() })).await.unwrap_err().code(), tonic::Code::NotFound);
+    // The tags topic holds exactly the three answered retags (rt-0, rt-1 over REST, rt-1 over gRPC),
+    // with the carried fields of the stored rows and the answered tags.
+    let mut cc = client_config(&fx.conn.kafka, &Default::default());
+    cc.set("group.id", format!("t-{}", uuid::Uuid::new_v4().simple())).set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer = cc.create().unwrap();
+    consumer.subscribe(&[output.as_str()]).unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(if seen.len() < 3 { 60 } else { 5 }), consumer.recv()).await {
+        let e: MediaTagged = fx.codec.decode(m.payload()).await.unwrap().event;
+        assert_eq!(e.tags.iter().map(|t| t.label.clone()).collect::<Vec<_>>(), model[&e.media_id].tags.iter().map(|t| t.label.clone()).collect::<Vec<_>>());
+        assert_eq!((e.title.as_deref(), e.attributes.get("season").map(String::as_str)), (texts.iter().find(|t| t.0 == e.media_id).map(|t| t.1), Some("2")));
+        assert!(e.embedding.is_none(), "the rows are not sent again");
+        seen.push(e.media_id);
+    }
+    seen.sort();
+    assert_eq!(seen, ["rt-0", "rt-1", "rt-1"]);
     fx.shutdown().await;
 }
 

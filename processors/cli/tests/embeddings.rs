@@ -199,3 +199,113 @@ async fn embeddings_are_stored_and_retag_from_them_gives_the_models_tags_under_a
     sink_task.await.unwrap().unwrap();
     eprintln!("retag from embeddings: {} of {n} answered from stored rows, {need} need the model; largest score difference {worst:e}", answerable.len());
 }
+
+/// Re-ingest without inference: with the sink's table as the tagger's store, items ingested
+/// again with unchanged text are scored from their stored rows (the same tags, the same rows
+/// carried on, the new carried fields stored), items with changed text go through the model and
+/// their rows are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn items_ingested_again_unchanged_are_scored_from_the_stored_rows() {
+    streamoasis_testkit::require_stack!();
+    let mut env = common::env(2, "at_least_once").await;
+    let mut y: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&env.path).unwrap()).unwrap();
+    set_store(&mut y);
+    std::fs::write(&env.path, serde_yaml::to_string(&y).unwrap()).unwrap();
+    env.topo = Topology::load(&env.path).unwrap();
+    if let serde_yaml::Value::Mapping(m) = &mut env.topo.file.scylla {
+        m.insert("consistency".into(), "ONE".into());
+    }
+    let n = 60;
+    let items: Vec<MediaIngested> = (0..n).map(item).collect();
+    let ks = streamoasis_sink::SinkConfig::from_topology(&env.topo).unwrap().keyspace;
+    let (stop_s, sink_task) = env.start_sink().await;
+    let session = common::cql().await;
+    // A generous lookup timeout: a test run's freshly started database can be slow, and a
+    // lookup that times out (counted `unavailable`, the model reads the item) would blur the
+    // counts asserted here.
+    let mut tc = TaggerConfig::from_topology(&env.topo).unwrap();
+    tc.reuse_timeout = Duration::from_secs(20);
+    let store = streamoasis_sink::read::StoredEmbeddings::new(Arc::new(common::cql().await), &ks, tc.reuse_timeout).await.unwrap();
+    let tagger = Arc::new(Tagger::load(tc).await.unwrap());
+    let processor = Arc::new(streamoasis_tagger::TaggerProcessor::new(tagger.clone()).with_store(Arc::new(store)));
+    let counts = processor.reuse_counts();
+    let stop_t = streamoasis_pipeline::CancellationToken::new();
+    let runner = streamoasis_pipeline::kafka::RunnerConfig::new(env.kafka.clone(), env.topo.file.processors.tagger.clone(), Default::default());
+    let tagger_task = tokio::spawn(streamoasis_pipeline::kafka::run(runner, env.codec.clone(), processor.clone(), stop_t.clone()));
+    let p = streamoasis_pipeline::kafka::producer(&env.kafka, &Default::default()).unwrap();
+    let out = env.consumer(env.output(), false);
+
+    // 1. The first pass: nothing stored, the model reads every item; the sink stores the rows.
+    for it in &items {
+        env.send(&p, it).await;
+    }
+    let first: HashMap<String, MediaTagged> =
+        env.read_tagged(&out, n, Duration::from_secs(240), Duration::from_secs(2)).await.into_iter().map(|e| (e.media_id.clone(), e)).collect();
+    assert_eq!(first.len(), n);
+    assert_eq!(counts.snapshot(), (0, n as u64, 0, 0, 0), "(reused, missing, changed, needs_model, unavailable)");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stored(&session, &ks).await < n as i64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(stored(&session, &ks).await, n as i64);
+
+    // 2. Every item again, with new attributes; every fifth with a new title (changed text).
+    let second: Vec<MediaIngested> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let mut it = it.clone();
+            it.attributes.insert("pass".into(), "2".into());
+            it.ingested_at = now_millis();
+            if i % 5 == 0 {
+                it.title = format!("{} (updated)", it.title);
+            }
+            it
+        })
+        .collect();
+    let changed = second.iter().filter(|it| it.title.ends_with("(updated)")).count();
+    for it in &second {
+        env.send(&p, it).await;
+    }
+    let again = env.read_tagged(&out, n, Duration::from_secs(240), Duration::from_secs(2)).await;
+    assert_eq!(again.len(), n, "one event per item ingested again");
+    assert_eq!(counts.snapshot(), ((n - changed) as u64, n as u64, changed as u64, 0, 0), "(reused, missing, changed, needs_model, unavailable)");
+    let by_id: HashMap<&str, &MediaIngested> = second.iter().map(|i| (i.media_id.as_str(), i)).collect();
+    for e in &again {
+        let it = by_id[e.media_id.as_str()];
+        let f = &first[&e.media_id];
+        let emb = e.embedding.as_ref().unwrap();
+        assert_eq!(emb.text_hash, text_hash(&request_of(it)), "{}", e.media_id);
+        if it.title.ends_with("(updated)") {
+            assert_ne!(emb.text_hash, f.embedding.as_ref().unwrap().text_hash, "{}", e.media_id);
+        } else {
+            let tags = |x: &MediaTagged| x.tags.iter().map(|t| (t.label.clone(), t.score)).collect::<Vec<_>>();
+            assert_eq!(tags(e), tags(f), "{}: the stored rows give the first pass's tags", e.media_id);
+            assert_eq!(e.embedding, f.embedding, "{}: the stored rows carried on", e.media_id);
+        }
+        assert_eq!(e.attributes.get("pass").map(String::as_str), Some("2"));
+    }
+
+    // 3. Read back: every row has the second pass's carried fields and its text's hash.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let rows = loop {
+        let rows: Vec<MediaTagged> = streamoasis_sink::read::stored_embeddings(&session, &ks).await.unwrap().map(|r| r.unwrap()).collect().await;
+        let done = rows.iter().filter(|r| r.attributes.get("pass").map(String::as_str) == Some("2")).count();
+        if done == n || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(rows.len(), n);
+    for r in &rows {
+        let it = by_id[r.media_id.as_str()];
+        assert_eq!(r.attributes.get("pass").map(String::as_str), Some("2"), "{}", r.media_id);
+        assert_eq!(r.embedding.as_ref().unwrap().text_hash, text_hash(&request_of(it)), "{}", r.media_id);
+    }
+    stop_t.cancel();
+    let t = tagger_task.await.unwrap().unwrap();
+    assert_eq!(t.processed, 2 * n as u64);
+    stop_s.cancel();
+    sink_task.await.unwrap().unwrap();
+    eprintln!("re-ingest: {} of {n} items scored from stored rows, {changed} changed went through the model", n - changed);
+}

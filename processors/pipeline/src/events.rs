@@ -276,6 +276,18 @@ impl ItemEmbedding {
     }
 }
 
+/// Where a tagger finds what it read of an item before, by media id (the sink's
+/// `media_embeddings`): an item ingested again with the same text is scored from it without the
+/// model. Implemented by the store's crate; the tagger only calls it.
+pub trait EmbeddingStore: Send + Sync + 'static {
+    /// The stored embedding of `media_id`, `Ok(None)` when there is none. Errors are strings:
+    /// the caller falls back to the model and counts them.
+    fn stored<'a>(&'a self, media_id: &'a str) -> StoredEmbedding<'a>;
+}
+
+/// What [`EmbeddingStore::stored`] returns.
+pub type StoredEmbedding<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<ItemEmbedding>, String>> + Send + 'a>>;
+
 /// Rows of equal length as little-endian f32 bytes (the `bytes` of [`ItemEmbedding`]).
 pub fn rows_to_bytes(rows: &[Vec<f32>]) -> Vec<u8> {
     rows.iter().flatten().flat_map(|x| x.to_le_bytes()).collect()

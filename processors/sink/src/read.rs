@@ -142,6 +142,7 @@ pub struct Reader {
     media: PreparedStatement,
     head: PreparedStatement,
     after: PreparedStatement,
+    stored: PreparedStatement,
     /// The similarity statements, prepared on first use (the ANN index may come after start).
     ann: tokio::sync::OnceCell<Ann>,
 }
@@ -193,6 +194,7 @@ impl Reader {
             .await?,
             head: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? LIMIT ?")).await?,
             after: prep(format!("SELECT score, media_id, tagged_at FROM {ks}.media_by_tag WHERE tag = ? AND bucket = ? AND (score, media_id) < (?, ?) LIMIT ?")).await?,
+            stored: prep(format!("SELECT {EMBEDDING_COLUMNS} FROM {ks}.media_embeddings WHERE media_id = ?")).await?,
             keyspace: ks.to_string(),
             ann: tokio::sync::OnceCell::new(),
             session,
@@ -221,6 +223,13 @@ impl Reader {
                 Ok(Ann { vector, any, of_kind })
             })
             .await
+    }
+
+    /// One item's stored embedding as the tagged event it was stored from (no tags), for a
+    /// retag from its rows; `None` when none is stored.
+    pub async fn stored_item(&self, media_id: &str) -> Result<Option<streamoasis_pipeline::events::MediaTagged>, ReadError> {
+        let r = self.session.execute_unpaged(&self.stored, (media_id,)).await.map_err(db)?.into_rows_result().map_err(db)?;
+        Ok(r.maybe_first_row::<EmbeddingRow>().map_err(db)?.map(event_of))
     }
 
     /// The stored pooled vector of one item: `Ok(None)` when no embedding is stored for it.
@@ -427,49 +436,152 @@ struct EmbeddingRow {
     source_offset: Option<i64>,
 }
 
-/// Every row of `media_embeddings` (a paged full scan) as the tagged event it was stored from:
-/// the carried fields and `embedding`, with no tags (a retag computes them). The model is the
-/// stored `name@version`.
+/// The columns [`EmbeddingRow`] reads, in its order.
+const EMBEDDING_COLUMNS: &str = "media_id, embedding_version, model, text_hash, dim, lead, windows, lead_evidence, has_body, candidate_labels, \
+     kind, title, source, language, attributes, ingested_at, tagged_at, source_topic, source_partition, source_offset";
+
+/// A `media_embeddings` row as the tagged event it was stored from: the carried fields and
+/// `embedding`, with no tags (a retag computes them). The model is the stored `name@version`.
+fn event_of(r: EmbeddingRow) -> streamoasis_pipeline::events::MediaTagged {
+    use streamoasis_pipeline::events::{ItemEmbedding, Lineage, MediaKind, MediaTagged, ModelRef, Strategy};
+    let model = r.model.unwrap_or_default();
+    let (name, version) = model.rsplit_once('@').unwrap_or((model.as_str(), ""));
+    let kind: MediaKind = r.kind.and_then(|k| k.parse().ok()).unwrap_or_default();
+    MediaTagged {
+        media_id: r.media_id,
+        kind,
+        tags: vec![],
+        no_tags_reason: None,
+        strategy: Strategy::Embedding,
+        model: ModelRef { name: name.to_string(), version: version.to_string() },
+        ingested_at: r.ingested_at.map_or(0, |t| t.0),
+        tagged_at: r.tagged_at.map_or(0, |t| t.0),
+        lineage: Lineage { topic: r.source_topic.unwrap_or_default(), partition: r.source_partition.unwrap_or(-1), offset: r.source_offset.unwrap_or(-1) },
+        title: r.title,
+        source: r.source,
+        language: r.language,
+        attributes: r.attributes.unwrap_or_default(),
+        taxonomy_version: None,
+        embedding: Some(ItemEmbedding {
+            embedding_version: r.embedding_version.unwrap_or_default(),
+            text_hash: r.text_hash.unwrap_or_default(),
+            dim: r.dim.unwrap_or(0),
+            lead: r.lead,
+            windows: r.windows,
+            lead_evidence: r.lead_evidence,
+            has_body: r.has_body.unwrap_or(false),
+            candidate_labels: r.candidate_labels,
+        }),
+    }
+}
+
+/// Every row of `media_embeddings` (a paged full scan) as the tagged event it was stored from
+/// (no tags; the model is the stored `name@version`).
 pub async fn stored_embeddings(
     session: &Session,
     keyspace: &str,
 ) -> anyhow::Result<impl futures::Stream<Item = anyhow::Result<streamoasis_pipeline::events::MediaTagged>> + use<>> {
-    use streamoasis_pipeline::events::{ItemEmbedding, Lineage, MediaKind, MediaTagged, ModelRef, Strategy};
-    let q = format!(
-        "SELECT media_id, embedding_version, model, text_hash, dim, lead, windows, lead_evidence, has_body, candidate_labels, \
-         kind, title, source, language, attributes, ingested_at, tagged_at, source_topic, source_partition, source_offset FROM {keyspace}.media_embeddings"
-    );
+    let q = format!("SELECT {EMBEDDING_COLUMNS} FROM {keyspace}.media_embeddings");
     let rows = session.query_iter(q, ()).await?.rows_stream::<EmbeddingRow>()?;
-    Ok(rows.map(|r| {
-        let r = r?;
-        let model = r.model.unwrap_or_default();
-        let (name, version) = model.rsplit_once('@').unwrap_or((model.as_str(), ""));
-        let kind: MediaKind = r.kind.and_then(|k| k.parse().ok()).unwrap_or_default();
-        Ok(MediaTagged {
-            media_id: r.media_id,
-            kind,
-            tags: vec![],
-            no_tags_reason: None,
-            strategy: Strategy::Embedding,
-            model: ModelRef { name: name.to_string(), version: version.to_string() },
-            ingested_at: r.ingested_at.map_or(0, |t| t.0),
-            tagged_at: r.tagged_at.map_or(0, |t| t.0),
-            lineage: Lineage { topic: r.source_topic.unwrap_or_default(), partition: r.source_partition.unwrap_or(-1), offset: r.source_offset.unwrap_or(-1) },
-            title: r.title,
-            source: r.source,
-            language: r.language,
-            attributes: r.attributes.unwrap_or_default(),
-            taxonomy_version: None,
-            embedding: Some(ItemEmbedding {
-                embedding_version: r.embedding_version.unwrap_or_default(),
-                text_hash: r.text_hash.unwrap_or_default(),
-                dim: r.dim.unwrap_or(0),
-                lead: r.lead,
-                windows: r.windows,
-                lead_evidence: r.lead_evidence,
-                has_body: r.has_body.unwrap_or(false),
-                candidate_labels: r.candidate_labels,
-            }),
+    Ok(rows.map(|r| Ok(event_of(r?))))
+}
+
+/// The tagger's view of `media_embeddings` ([`streamoasis_pipeline::events::EmbeddingStore`]): one prepared single-partition
+/// read per lookup, bounded by a short timeout, so a slow or absent database costs the item a
+/// model pass rather than stalling the stream.
+pub struct StoredEmbeddings {
+    session: Arc<Session>,
+    select: PreparedStatement,
+}
+
+impl std::fmt::Debug for StoredEmbeddings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredEmbeddings").finish_non_exhaustive()
+    }
+}
+
+impl StoredEmbeddings {
+    /// Prepare the lookup against `keyspace`; the database gives up on a read after `timeout`.
+    pub async fn new(session: Arc<Session>, keyspace: &str, timeout: std::time::Duration) -> anyhow::Result<Self> {
+        let q = format!("SELECT embedding_version, text_hash, dim, lead, windows, lead_evidence, has_body, candidate_labels FROM {keyspace}.media_embeddings WHERE media_id = ?");
+        let mut select = session.prepare(q.clone()).await.map_err(|e| anyhow::anyhow!("preparing `{q}`: {e} (did `streamoasis topology apply` run?)"))?;
+        select.set_request_timeout(Some(timeout));
+        Ok(StoredEmbeddings { session, select })
+    }
+
+    /// Connect and prepare in a background task that retries until the database answers;
+    /// until then every lookup is an error (the tagger runs the model). A tagger does not need
+    /// the database to start.
+    pub fn connect_in_background(uri: String, cfg: crate::SinkConfig, timeout: std::time::Duration) -> Arc<LazyStoredEmbeddings> {
+        let lazy = Arc::new(LazyStoredEmbeddings { inner: tokio::sync::OnceCell::new() });
+        let target = lazy.clone();
+        tokio::spawn(async move {
+            let mut delay = std::time::Duration::from_secs(1);
+            loop {
+                let attempt = async { StoredEmbeddings::new(Arc::new(crate::connect(&uri, &cfg).await?), &cfg.keyspace, timeout).await };
+                match attempt.await {
+                    Ok(s) => {
+                        tracing::info!(keyspace = %cfg.keyspace, "stored embeddings reachable: items ingested again with unchanged text skip the model");
+                        let _ = target.inner.set(s);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "stored embeddings not reachable yet (tagging.reuse_embeddings): every item goes through the model until they are");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+        lazy
+    }
+
+    async fn lookup(&self, media_id: &str) -> Result<Option<streamoasis_pipeline::events::ItemEmbedding>, String> {
+        type Row = (Option<String>, Option<String>, Option<i32>, Option<Vec<u8>>, Option<Vec<u8>>, Option<i32>, Option<bool>, Option<Vec<String>>);
+        let r = self.session.execute_unpaged(&self.select, (media_id,)).await.map_err(|e| e.to_string())?.into_rows_result().map_err(|e| e.to_string())?;
+        let Some((version, hash, dim, lead, windows, lead_evidence, has_body, candidate_labels)) = r.maybe_first_row::<Row>().map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let (Some(embedding_version), Some(text_hash), Some(dim)) = (version, hash, dim) else { return Ok(None) };
+        Ok(Some(streamoasis_pipeline::events::ItemEmbedding {
+            embedding_version,
+            text_hash,
+            dim,
+            lead,
+            windows,
+            lead_evidence,
+            has_body: has_body.unwrap_or(false),
+            candidate_labels,
+        }))
+    }
+}
+
+impl streamoasis_pipeline::events::EmbeddingStore for StoredEmbeddings {
+    fn stored<'a>(&'a self, media_id: &'a str) -> streamoasis_pipeline::events::StoredEmbedding<'a> {
+        Box::pin(self.lookup(media_id))
+    }
+}
+
+/// [`StoredEmbeddings`] once a background task has connected ([`StoredEmbeddings::connect_in_background`]).
+#[derive(Debug)]
+pub struct LazyStoredEmbeddings {
+    inner: tokio::sync::OnceCell<StoredEmbeddings>,
+}
+
+impl LazyStoredEmbeddings {
+    /// Whether the database has been reached.
+    pub fn is_connected(&self) -> bool {
+        self.inner.initialized()
+    }
+}
+
+impl streamoasis_pipeline::events::EmbeddingStore for LazyStoredEmbeddings {
+    fn stored<'a>(&'a self, media_id: &'a str) -> streamoasis_pipeline::events::StoredEmbedding<'a> {
+        Box::pin(async move {
+            match self.inner.get() {
+                Some(s) => s.lookup(media_id).await,
+                None => Err("the database is not reachable yet".into()),
+            }
         })
-    }))
+    }
 }

@@ -502,10 +502,25 @@ pub struct TaggingSpec {
     /// by default: it makes a tagged event several times larger (see docs/embeddings.md).
     #[serde(default)]
     pub store_embeddings: bool,
+    /// With `store_embeddings` on: before running the model on an item, look up its stored
+    /// embedding (one read of `media_embeddings` by media id) and, when the text hash and the
+    /// embedding version match, score it from the stored rows instead. An item ingested again
+    /// unchanged then costs a database read, not a model pass. On by default; it needs the
+    /// database reachable from the tagger (SCYLLA_URI and, when secured, a role that may read
+    /// `media_embeddings`); until it is, every item goes through the model.
+    #[serde(default = "default_true")]
+    pub reuse_embeddings: bool,
+    /// The longest an item waits for its stored embedding before the model reads it instead
+    /// (a slow or unreachable database costs a model pass, never a stall).
+    #[serde(default = "default_reuse_timeout", with = "humantime_serde")]
+    pub reuse_timeout: std::time::Duration,
     /// The label taxonomy.
     pub labels: Vec<LabelSpec>,
 }
 
+fn default_reuse_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(250)
+}
 fn default_languages() -> Vec<String> {
     vec!["en".into()]
 }
@@ -573,6 +588,9 @@ impl TaggingSpec {
         let err = |key: &str, msg: String| Err(ConfigError::new(format!("{origin}: tagging.{key}"), msg));
         if self.labels.is_empty() {
             return err("labels", "the taxonomy is empty: list at least one label (name + optional description)".into());
+        }
+        if self.reuse_timeout.is_zero() {
+            return err("reuse_timeout", "must be more than 0 (e.g. 250ms): it bounds the wait for a stored embedding; turn reuse_embeddings off to skip the lookup".into());
         }
         if self.store_embeddings && self.strategy == StrategyKind::Nli {
             return err("store_embeddings", "the nli strategy computes no item embeddings: turn store_embeddings off or use strategy: embedding".into());

@@ -11,7 +11,9 @@
 //! - [`tagger`]: strategies (embedding similarity, NLI) and label-embedding caches.
 //! - [`scoring`]: the token budget → windows, relevance pooling of windows, calibration that
 //!   carries over to label names never fitted, and the evidence rule of adaptive compute.
-//! - [`processor`]: the `media.ingested` → `media.tagged` processor.
+//! - [`processor`]: the `media.ingested` → `media.tagged` processor; with stored embeddings
+//!   (`store_embeddings`, `reuse_embeddings`) an item ingested again with unchanged text is
+//!   scored from its stored rows, without the model.
 //! - [`warmup`]: start-up warm-up of the model's batch shapes and the codec's schema caches.
 //!
 //! ## Batching knobs and their trade-offs
@@ -71,11 +73,24 @@ pub async fn serve(
     health: Option<Arc<streamoasis_pipeline::telemetry::Health>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunSummary> {
+    serve_processor(topo, brokers, codec, Arc::new(TaggerProcessor::new(tagger)), health, shutdown).await
+}
+
+/// [`serve`] with a processor built by the caller (a store of embeddings to reuse:
+/// [`TaggerProcessor::with_store`]).
+pub async fn serve_processor(
+    topo: &Topology,
+    brokers: &str,
+    codec: Arc<Codec>,
+    processor: Arc<TaggerProcessor>,
+    health: Option<Arc<streamoasis_pipeline::telemetry::Health>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
     let mut runner = RunnerConfig::new(brokers, topo.file.processors.tagger.clone(), topo.file.kafka.client.clone());
     if let Some(h) = health {
         runner = runner.with_health(h);
     }
-    run(runner, codec, Arc::new(TaggerProcessor::new(tagger)), shutdown).await
+    run(runner, codec, processor, shutdown).await
 }
 
 /// Re-read `tagging.labels` from the topology file at `path`, validate the whole `tagging`

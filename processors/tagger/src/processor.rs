@@ -1,24 +1,143 @@
 //! The tagger processor: `media.ingested` → tags → `media.tagged`.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use prometheus::IntCounterVec;
 use streamoasis_pipeline::error::{limits, ErrorKind};
-use streamoasis_pipeline::events::{now_millis, Lineage, MediaIngested, MediaTagged};
+use streamoasis_pipeline::events::{now_millis, EmbeddingStore, Lineage, MediaIngested, MediaTagged};
 use streamoasis_pipeline::processor::{ProcessError, Processor, RecordMeta};
 
 use crate::batcher::BatchError;
-use crate::tagger::{TagError, TagRequest, Tagger};
+use crate::tagger::{text_hash, ItemEmbedding, TagError, TagRequest, TagResult, Tagger};
 
-/// Tags each ingested item and emits a `MediaTagged` keyed by its media id.
-#[derive(Debug, Clone)]
+/// Tags each ingested item and emits a `MediaTagged` keyed by its media id. With a store of
+/// embeddings ([`TaggerProcessor::with_store`]) an item whose text is unchanged since it was
+/// last tagged is scored from its stored rows instead of the model.
+#[derive(Clone)]
 pub struct TaggerProcessor {
     tagger: Arc<Tagger>,
+    store: Option<Arc<dyn EmbeddingStore>>,
+    /// [`Tagger::embedding_version`], computed once.
+    embedding_version: String,
+    reuse: Arc<ReuseCounts>,
+}
+
+impl std::fmt::Debug for TaggerProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaggerProcessor").field("reuse", &self.store.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// What the stored-embedding lookups of one processor came to (also exported as
+/// `streamoasis_tagger_embedding_reuse_total{outcome}`).
+#[derive(Debug, Default)]
+pub struct ReuseCounts {
+    /// Scored from the stored rows, without the model.
+    pub reused: AtomicU64,
+    /// No stored row for the media id.
+    pub missing: AtomicU64,
+    /// A stored row of other text or another model or windowing.
+    pub changed: AtomicU64,
+    /// A stored row that cannot answer under the current settings (only the lead was read
+    /// then and the body is needed now).
+    pub needs_model: AtomicU64,
+    /// The lookup failed or timed out (the database unreachable or slow).
+    pub unavailable: AtomicU64,
+}
+
+impl ReuseCounts {
+    /// `(reused, missing, changed, needs_model, unavailable)` now.
+    pub fn snapshot(&self) -> (u64, u64, u64, u64, u64) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (g(&self.reused), g(&self.missing), g(&self.changed), g(&self.needs_model), g(&self.unavailable))
+    }
+
+    fn count(&self, outcome: &'static str) {
+        let a = match outcome {
+            "reused" => &self.reused,
+            "missing" => &self.missing,
+            "changed" => &self.changed,
+            "needs_model" => &self.needs_model,
+            _ => &self.unavailable,
+        };
+        a.fetch_add(1, Ordering::Relaxed);
+        reuse_metric().with_label_values(&[outcome]).inc();
+    }
+}
+
+fn reuse_metric() -> &'static IntCounterVec {
+    static M: OnceLock<IntCounterVec> = OnceLock::new();
+    M.get_or_init(|| {
+        let m = IntCounterVec::new(
+            prometheus::Opts::new(
+                "streamoasis_tagger_embedding_reuse_total",
+                "Stored-embedding lookups before the model by outcome: reused (no model pass), missing, changed (other text or model), needs_model, unavailable",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        let _ = streamoasis_pipeline::telemetry::registry().register(Box::new(m.clone()));
+        m
+    })
 }
 
 impl TaggerProcessor {
     /// Wrap a loaded tagger.
     pub fn new(tagger: Arc<Tagger>) -> Self {
-        TaggerProcessor { tagger }
+        let embedding_version = tagger.embedding_version();
+        TaggerProcessor { tagger, store: None, embedding_version, reuse: Arc::default() }
+    }
+
+    /// Look items up in `store` before running the model (only while the tagger stores
+    /// embeddings: `tagging.store_embeddings` and `tagging.reuse_embeddings` on).
+    pub fn with_store(mut self, store: Arc<dyn EmbeddingStore>) -> Self {
+        let c = self.tagger.config();
+        if c.store_embeddings && c.reuse_embeddings {
+            self.store = Some(store);
+        }
+        self
+    }
+
+    /// The lookups' outcomes so far.
+    pub fn reuse_counts(&self) -> Arc<ReuseCounts> {
+        self.reuse.clone()
+    }
+
+    /// The item's tags from its stored embedding, when one is stored for the same text, model
+    /// and windowing and it answers under the current settings; `None`: run the model.
+    async fn reuse(&self, store: &dyn EmbeddingStore, item: &MediaIngested, req: &TagRequest) -> Option<TagResult> {
+        let looked = tokio::time::timeout(self.tagger.config().reuse_timeout, store.stored(&item.media_id)).await;
+        let row = match looked {
+            Ok(Ok(Some(row))) => row,
+            Ok(Ok(None)) => return self.miss("missing"),
+            Ok(Err(e)) => {
+                tracing::debug!(media_id = %item.media_id, error = %e, "stored embedding lookup failed: the model reads the item");
+                return self.miss("unavailable");
+            }
+            Err(_) => {
+                tracing::debug!(media_id = %item.media_id, timeout = ?self.tagger.config().reuse_timeout, "stored embedding lookup timed out: the model reads the item");
+                return self.miss("unavailable");
+            }
+        };
+        if row.embedding_version != self.embedding_version || row.text_hash != text_hash(req) {
+            return self.miss("changed");
+        }
+        let Ok(rows) = ItemEmbedding::from_event(&row) else { return self.miss("changed") };
+        match self.tagger.tag_from_embedding(item.kind, item.candidate_labels.as_deref(), &rows).await {
+            Ok(Some(mut r)) => {
+                self.reuse.count("reused");
+                r.embedding = Some(rows);
+                Some(r)
+            }
+            // Not answerable, or an error the model path reports as it always does.
+            _ => self.miss("needs_model"),
+        }
+    }
+
+    fn miss(&self, outcome: &'static str) -> Option<TagResult> {
+        self.reuse.count(outcome);
+        None
     }
 }
 
@@ -44,7 +163,16 @@ impl Processor for TaggerProcessor {
 
     async fn process(&self, item: MediaIngested, meta: RecordMeta) -> Result<Vec<MediaTagged>, ProcessError> {
         check_limits(&item)?;
-        let result = match self.tagger.tag(&request_of(&item)).await {
+        let req = request_of(&item);
+        let reused = match &self.store {
+            Some(store) => self.reuse(store.as_ref(), &item, &req).await,
+            None => None,
+        };
+        let result = match reused {
+            Some(r) => Ok(r),
+            None => self.tagger.tag(&req).await,
+        };
+        let result = match result {
             Ok(r) => r,
             Err(TagError::InvalidLabels(m)) => return Err(ProcessError::poison(ErrorKind::InvalidLabels, m)),
             Err(TagError::Model(BatchError::Model(m))) => return Err(ProcessError::poison(ErrorKind::ModelError, m)),

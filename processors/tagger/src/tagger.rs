@@ -729,6 +729,29 @@ impl Tagger {
         Ok(Some(result))
     }
 
+    /// A stored item (a `media_embeddings` row as its tagged event, `embedding` set) tagged
+    /// again from its rows under the current taxonomy: the event a retag emits (the rows are not
+    /// sent again), or `None` when the rows cannot answer ([`Tagger::tag_from_embedding`]; also
+    /// rows that do not decode, which the model rewrites).
+    pub async fn retag_stored(&self, mut e: streamoasis_pipeline::events::MediaTagged) -> Result<Option<streamoasis_pipeline::events::MediaTagged>, TagError> {
+        let Some(payload) = e.embedding.take() else { return Ok(None) };
+        let emb = match ItemEmbedding::from_event(&payload) {
+            Ok(emb) => emb,
+            Err(m) => {
+                tracing::warn!(media_id = %e.media_id, error = %m, "stored embedding rows do not decode: the item needs the model");
+                return Ok(None);
+            }
+        };
+        let Some(r) = self.tag_from_embedding(e.kind, payload.candidate_labels.as_deref(), &emb).await? else { return Ok(None) };
+        e.tags = r.tags;
+        e.no_tags_reason = r.no_tags_reason;
+        e.taxonomy_version = Some(r.taxonomy_version);
+        e.model = self.model_ref().clone();
+        e.strategy = self.strategy();
+        e.tagged_at = streamoasis_pipeline::events::now_millis();
+        Ok(Some(e))
+    }
+
     /// Identifies what window embeddings depend on besides the text: the model (name and
     /// version) and the windowing (window length, stride, placement, token budget). Stored rows
     /// of another embedding version cannot be reused.

@@ -55,7 +55,7 @@ app.kubernetes.io/part-of: streamoasis
 {{/* Topology ---------------------------------------------------------------------------------- */}}
 
 {{/* The topology text: values.topology.content, else files/topology.yaml; then the replication
-     knob (replication.topics / replication.keyspace), embeddings.store and topologyOverrides
+     knob (replication.topics / replication.keyspace), embeddings.store / reuse and topologyOverrides
      applied over it. With
      none of them set the text is mounted verbatim (comments kept). */}}
 {{- define "streamoasis.topology" -}}
@@ -65,7 +65,8 @@ app.kubernetes.io/part-of: streamoasis
 {{- end -}}
 {{- $repl := .Values.replication | default dict -}}
 {{- $store := (.Values.embeddings | default dict).store -}}
-{{- if or .Values.topologyOverrides $repl.topics $repl.keyspace (not (kindIs "invalid" $store)) -}}
+{{- $reuse := (.Values.embeddings | default dict).reuse -}}
+{{- if or .Values.topologyOverrides $repl.topics $repl.keyspace (not (kindIs "invalid" $store)) (not (kindIs "invalid" $reuse)) -}}
 {{- $m := fromYaml $text -}}
 {{- if hasKey $m "Error" -}}
 {{- fail (printf "topology.content is not valid YAML: %v" $m.Error) -}}
@@ -95,6 +96,11 @@ app.kubernetes.io/part-of: streamoasis
 {{- if not (kindIs "invalid" $store) -}}
 {{- $tagging := $m.tagging | default dict -}}
 {{- $_ := set $tagging "store_embeddings" $store -}}
+{{- $_ := set $m "tagging" $tagging -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $reuse) -}}
+{{- $tagging := $m.tagging | default dict -}}
+{{- $_ := set $tagging "reuse_embeddings" $reuse -}}
 {{- $_ := set $m "tagging" $tagging -}}
 {{- end -}}
 {{- toYaml (mergeOverwrite $m (deepCopy (.Values.topologyOverrides | default dict))) -}}
@@ -295,7 +301,7 @@ print "render-topology: wrote $dst\n";
 {{- $files = append $files (dict "name" "kafka-ca" "secretName" .secretName "key" (.key | default "ca.crt") "file" "ca.crt" "env" "KAFKA_SSL_CA_LOCATION") -}}
 {{- end -}}
 {{- end -}}
-{{- if ne $role "tagger" -}}
+{{- if or (ne $role "tagger") ($root.Values.embeddings | default dict).store -}}
 {{- $sc := get ($root.Values.scylla.credentials | default dict) $role | default dict -}}
 {{- if $sc.secretName -}}
 {{- $files = append $files (dict "name" "scylla-credentials" "secretName" $sc.secretName "key" ($sc.passwordKey | default "password") "file" "password" "env" "SCYLLA_PASSWORD_FILE") -}}
@@ -334,7 +340,7 @@ print "render-topology: wrote $dst\n";
       name: {{ $kc.secretName }}
       key: {{ $kc.usernameKey | default "username" }}
 {{- end }}
-{{- if ne $role "tagger" }}
+{{- if or (ne $role "tagger") ($root.Values.embeddings | default dict).store }}
 {{- $sc := get ($root.Values.scylla.credentials | default dict) $role | default dict }}
 {{- if $sc.secretName }}
 - name: SCYLLA_USERNAME

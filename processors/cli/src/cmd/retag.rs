@@ -11,10 +11,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::producer::FutureRecord;
 use streamoasis_pipeline::client::producer;
 use streamoasis_pipeline::codec::Codec;
-use streamoasis_pipeline::events::now_millis;
 use streamoasis_pipeline::ops;
 use streamoasis_sink::SinkConfig;
-use streamoasis_tagger::{ItemEmbedding, Tagger, TaggerConfig};
+use streamoasis_tagger::{Tagger, TaggerConfig};
 
 use super::{load, load_for_kafka, parse_time, wait_for_broker};
 use crate::cli::{Common, RetagArgs};
@@ -84,27 +83,20 @@ async fn from_embeddings(c: &Common, a: RetagArgs) -> anyhow::Result<()> {
     let mut need_model: Vec<String> = Vec::new();
     let mut pending = FuturesUnordered::new();
     while let Some(stored) = rows.next().await {
-        let mut e = stored?;
+        let e = stored?;
         if only.as_ref().is_some_and(|o| !o.contains(&e.media_id)) {
             continue;
         }
         read += 1;
-        let Some(payload) = e.embedding.take() else { continue };
-        let emb = ItemEmbedding::from_event(&payload).map_err(|m| anyhow::anyhow!("media_embeddings row {}: {m}", e.media_id))?;
-        let result = match tagger.tag_from_embedding(e.kind, payload.candidate_labels.as_deref(), &emb).await {
-            Ok(Some(r)) => r,
+        let id = e.media_id.clone();
+        let e = match tagger.retag_stored(e).await {
+            Ok(Some(e)) => e,
             Ok(None) => {
-                need_model.push(e.media_id);
+                need_model.push(id);
                 continue;
             }
-            Err(err) => anyhow::bail!("{}: {err}", e.media_id),
+            Err(err) => anyhow::bail!("{id}: {err}"),
         };
-        e.tags = result.tags;
-        e.no_tags_reason = result.no_tags_reason;
-        e.taxonomy_version = Some(result.taxonomy_version);
-        e.model = tagger.model_ref().clone();
-        e.strategy = tagger.strategy();
-        e.tagged_at = now_millis();
         let bytes = codec.encode(&output, &e).await?;
         let (producer, topic) = (producer.clone(), output.clone());
         pending.push(tokio::spawn(async move {

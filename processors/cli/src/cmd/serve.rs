@@ -79,7 +79,14 @@ pub(super) async fn tagger(c: &Common, a: TaggerArgs, shutdown: CancellationToke
         let state = Arc::new(streamoasis_api::state(&connections(c, true), &topo, tagger.clone(), auth, Limits::default()).await?);
         api_task = Some(tokio::spawn(streamoasis_api::serve(listeners, state, shutdown.clone())));
     }
-    let r = streamoasis_tagger::serve(&topo, &c.kafka, codec, tagger, Some(health), shutdown.clone()).await;
+    let mut processor = streamoasis_tagger::TaggerProcessor::new(tagger.clone());
+    if tc.store_embeddings && tc.reuse_embeddings {
+        // Items ingested again with unchanged text are scored from their stored rows; the
+        // database is reached in the background (until then the model reads every item).
+        let sink = streamoasis_sink::SinkConfig::from_topology(&topo)?;
+        processor = processor.with_store(streamoasis_sink::read::StoredEmbeddings::connect_in_background(c.scylla.clone(), sink, tc.reuse_timeout));
+    }
+    let r = streamoasis_tagger::serve_processor(&topo, &c.kafka, codec, Arc::new(processor), Some(health), shutdown.clone()).await;
     shutdown.cancel();
     if let Some(t) = api_task {
         t.await??;
