@@ -475,8 +475,8 @@ def main() -> None:
         if reingest.is_file():
             out += ["### Re-ingest of unchanged items vs a cold pass (same run)", "",
                     "The tagger processor as the stream runs it, with `store_embeddings` on and the sink's table as its store: "
-                    "each item is looked up in `media_embeddings` first, then tagged (by the model, or from its stored rows), "
-                    "and its event written by the sink's writer. Method and limits: docs/embeddings.md.", ""]
+                    "each item is looked up in `media_embeddings` first, then tagged (by the model, or from its stored rows); "
+                    "the cold pass's events are written by the sink's writer between the passes (timed apart). Method and limits: docs/embeddings.md.", ""]
             out += reingest.read_text().rstrip("\n").split("\n") + [""]
         if (RES / "plots" / "retag.png").is_file():
             out += ["![items/s of each way to tag stored items again](benches/results/plots/retag.png)", ""]

@@ -99,3 +99,21 @@ pub fn corpus(films: &std::path::Path, bbc: &std::path::Path, n: usize) -> anyho
     items.truncate(n);
     Ok(items)
 }
+
+// The flags of the benches that read `corpus`: the topology and the two data files (a plain
+// comment: a doc comment would become the about text of every bench using it).
+#[derive(clap::Args)]
+pub struct CorpusArgs {
+    /// The topology whose tagging and scylla sections are used.
+    #[arg(long, default_value = "topology.yaml")]
+    pub topology: std::path::PathBuf,
+    /// BBC JSONL (scripts/python/prepare_bbc.py).
+    #[arg(long)]
+    pub bbc: std::path::PathBuf,
+    /// TMDB JSONL (scripts/python/prepare_tmdb.py).
+    #[arg(long)]
+    pub films: std::path::PathBuf,
+    /// Items (all the data has when fewer).
+    #[arg(long, default_value_t = 10_000)]
+    pub items: usize,
+}

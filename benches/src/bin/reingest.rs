@@ -30,17 +30,8 @@ use streamoasis_tagger::{Tagger, TaggerConfig, TaggerProcessor};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value = "topology.yaml")]
-    topology: PathBuf,
-    /// BBC JSONL (scripts/python/prepare_bbc.py).
-    #[arg(long)]
-    bbc: PathBuf,
-    /// TMDB JSONL (scripts/python/prepare_tmdb.py).
-    #[arg(long)]
-    films: PathBuf,
-    /// Items ingested (all the data has when fewer).
-    #[arg(long, default_value_t = 10_000)]
-    items: usize,
+    #[command(flatten)]
+    corpus: streamoasis_benches::CorpusArgs,
     /// Records in flight, as the run loop keeps them.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -101,8 +92,8 @@ async fn write_all(writer: &TagWriter, events: &HashMap<String, MediaTagged>, co
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let topo = Topology::load(&a.topology)?;
-    let corpus = streamoasis_benches::corpus(&a.films, &a.bbc, a.items)?;
+    let topo = Topology::load(&a.corpus.topology)?;
+    let corpus = streamoasis_benches::corpus(&a.corpus.films, &a.corpus.bbc, a.corpus.items)?;
     let n = corpus.len();
     let items: Vec<MediaIngested> = corpus
         .iter()

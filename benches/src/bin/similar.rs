@@ -28,17 +28,8 @@ use streamoasis_tagger::{Tagger, TaggerConfig};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value = "topology.yaml")]
-    topology: PathBuf,
-    /// BBC JSONL (scripts/python/prepare_bbc.py).
-    #[arg(long)]
-    bbc: PathBuf,
-    /// TMDB JSONL (scripts/python/prepare_tmdb.py).
-    #[arg(long)]
-    films: PathBuf,
-    /// Items stored (all the data has when fewer).
-    #[arg(long, default_value_t = 10_000)]
-    items: usize,
+    #[command(flatten)]
+    corpus: streamoasis_benches::CorpusArgs,
     /// Items asked for their neighbours (spread over the stored ones).
     #[arg(long, default_value_t = 200)]
     queries: usize,
@@ -58,8 +49,8 @@ fn pct(v: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let topo = Topology::load(&a.topology)?;
-    let items = streamoasis_benches::corpus(&a.films, &a.bbc, a.items)?;
+    let topo = Topology::load(&a.corpus.topology)?;
+    let items = streamoasis_benches::corpus(&a.corpus.films, &a.corpus.bbc, a.corpus.items)?;
     let n = items.len();
     anyhow::ensure!(n > a.k, "only {n} items in the data");
 

@@ -63,21 +63,24 @@ async fn of_version(session: &scylla::client::session::Session, ks: &str, v: &st
     counts.iter().filter(|((_, t), _)| t.as_deref() == Some(v)).map(|(_, c)| *c).sum()
 }
 
-fn set_store(y: &mut serde_yaml::Value) {
-    y["tagging"]["store_embeddings"] = true.into();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn embeddings_are_stored_and_retag_from_them_gives_the_models_tags_under_a_new_taxonomy() {
-    streamoasis_testkit::require_stack!();
+/// A test environment whose topology file stores embeddings (its YAML returned for later
+/// edits), the database read at consistency ONE.
+async fn store_env() -> (common::Env, serde_yaml::Value) {
     let mut env = common::env(2, "at_least_once").await;
     let mut y: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&env.path).unwrap()).unwrap();
-    set_store(&mut y);
+    y["tagging"]["store_embeddings"] = true.into();
     std::fs::write(&env.path, serde_yaml::to_string(&y).unwrap()).unwrap();
     env.topo = Topology::load(&env.path).unwrap();
     if let serde_yaml::Value::Mapping(m) = &mut env.topo.file.scylla {
         m.insert("consistency".into(), "ONE".into());
     }
+    (env, y)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embeddings_are_stored_and_retag_from_them_gives_the_models_tags_under_a_new_taxonomy() {
+    streamoasis_testkit::require_stack!();
+    let (env, mut y) = store_env().await;
     let n = 120;
     let items: Vec<MediaIngested> = (0..n).map(item).collect();
 
@@ -207,14 +210,7 @@ async fn embeddings_are_stored_and_retag_from_them_gives_the_models_tags_under_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn items_ingested_again_unchanged_are_scored_from_the_stored_rows() {
     streamoasis_testkit::require_stack!();
-    let mut env = common::env(2, "at_least_once").await;
-    let mut y: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&env.path).unwrap()).unwrap();
-    set_store(&mut y);
-    std::fs::write(&env.path, serde_yaml::to_string(&y).unwrap()).unwrap();
-    env.topo = Topology::load(&env.path).unwrap();
-    if let serde_yaml::Value::Mapping(m) = &mut env.topo.file.scylla {
-        m.insert("consistency".into(), "ONE".into());
-    }
+    let (env, _) = store_env().await;
     let n = 60;
     let items: Vec<MediaIngested> = (0..n).map(item).collect();
     let ks = streamoasis_sink::SinkConfig::from_topology(&env.topo).unwrap().keyspace;
