@@ -107,6 +107,11 @@ impl TaggerProcessor {
     /// The item's tags from its stored embedding, when one is stored for the same text, model
     /// and windowing and it answers under the current settings; `None`: run the model.
     async fn reuse(&self, store: &dyn EmbeddingStore, item: &MediaIngested, req: &TagRequest) -> Option<TagResult> {
+        // What the model path refuses before reading (another language) is not looked up: the
+        // stored rows do not know the item's language.
+        if self.tagger.unsupported_language(req, &req.text()).is_some() {
+            return None;
+        }
         let looked = tokio::time::timeout(self.tagger.config().reuse_timeout, store.stored(&item.media_id)).await;
         let row = match looked {
             Ok(Ok(Some(row))) => row,

@@ -113,6 +113,14 @@ async fn unchanged_items_are_scored_from_their_stored_rows_and_everything_else_r
     }
     assert_eq!(counts.snapshot(), (3, 3, 0, 0, 0));
 
+    // The same text in a language the tagger does not read: not looked up, refused as the model
+    // path refuses it.
+    let mut french = items[0].clone();
+    french.language = Some("fr".into());
+    let e = one(&p, &french).await;
+    assert_eq!((e.tags.len(), e.no_tags_reason.as_deref()), (0, Some("unsupported_language")));
+    assert_eq!(counts.snapshot(), (3, 3, 0, 0, 0));
+
     // Changed text: the model reads it, and the new rows carry the new text's hash.
     let changed = item("a", "Shares fell sharply as the bank reported a quarterly loss, its first in a decade", None, None);
     let e = one(&p, &changed).await;
