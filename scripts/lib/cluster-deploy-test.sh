@@ -244,6 +244,11 @@ fi
 
 # --- 2. image -------------------------------------------------------------------------------------
 phase "image: stage the CPU tree, podman build, import into the cluster's containerd"
+# Each run builds a new image; the previous run's layers are garbage once containerd holds the new
+# one (the image tag moves on and leaves them untagged). Free them first, then make sure the disk
+# holds a build: the staged tree, the image, its archive and containerd's copy (about 3.5 GB).
+"${PODMAN[@]}" image prune -f >/dev/null 2>&1 || true
+need_disk 5 "$("${PODMAN[@]}" info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)" "$work" /var/tmp
 "$SO_ROOT/deploy/docker/stage-prebuilt" --flavour cpu --binary "$BIN" --models "$SO_MODELS" --out "$work/ctx"
 "${PODMAN[@]}" build --quiet -f "$SO_ROOT/deploy/docker/Dockerfile" \
   --build-arg FILES=from-host --build-arg RUNTIME_BASE="$BASE_IMAGE" --build-arg RUNTIME_APT_PACKAGES= \
@@ -268,6 +273,11 @@ if ! "${CTR[@]}" images ls -q | grep -qx "$IMAGE_REPO:$IMAGE_TAG"; then
   "${PODMAN[@]}" rmi "$IMAGE_REPO:$IMAGE_TAG" >/dev/null 2>&1 || true
 fi
 "${CTR[@]}" images ls -q | grep -qx "$IMAGE_REPO:$IMAGE_TAG" || die "$IMAGE_REPO:$IMAGE_TAG is not in containerd after the import"
+# Earlier runs' images in this cluster (another build of the binary): only the new one is used.
+for old_image in $("${CTR[@]}" images ls -q | grep "^$IMAGE_REPO:dt-" | grep -vx "$IMAGE_REPO:$IMAGE_TAG"); do
+  "${CTR[@]}" images rm "$old_image" >/dev/null 2>&1 || true
+done
+"${PODMAN[@]}" image prune -f >/dev/null 2>&1 || true
 log "image $IMAGE_REPO:$IMAGE_TAG: $(( size / 1000000 )) MB, in containerd"
 
 # --- 3. helm install ------------------------------------------------------------------------------

@@ -35,6 +35,18 @@ need() {
   command -v "$1" >/dev/null 2>&1 || die "'$1' not found: install $2 and run again."
 }
 
+# need_disk GB PATH... — fail early, naming the place and the size, when a filesystem holding one of
+# PATHs has less than GB GiB free (a build that runs out of space half-way leaves a confusing error).
+need_disk() {
+  local gb=$1 p avail; shift
+  for p in "$@"; do
+    [ -e "$p" ] || continue
+    avail=$(df -Pk "$p" | awk 'NR == 2 {print int($4 / 1048576)}')
+    [ "${avail:-0}" -ge "$gb" ] \
+      || die "only ${avail} GiB free on the filesystem of $p, this step needs ${gb} GiB: free some space (old clones' target/ folders, 'podman image prune -a') and run again."
+  done
+}
+
 # Java 17+ is required by Kafka 4, Cassandra 5 and Apicurio 3.
 need_java() {
   need java "a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
