@@ -42,7 +42,7 @@ fn main() -> Result<()> {
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
     type Plot = fn(&Value, &Path) -> Result<()>;
-    let plots: [(&str, Plot); 8] = [
+    let plots: [(&str, Plot); 10] = [
         ("precision", precision),
         ("retag", retag),
         ("precision-candidates", candidates),
@@ -51,6 +51,8 @@ fn main() -> Result<()> {
         ("e2e-sweep", sweep),
         ("e2e-sweep-int8", sweep),
         ("e2e-sweep-fp32", sweep),
+        ("e2e-sweep-accounting", sweep),
+        ("e2e-sweep-pinned", sweep),
     ];
     for (name, plot) in plots {
         let file = args.results.join(format!("{name}.json"));
