@@ -202,6 +202,19 @@ def accounting(d):
     return a
 
 
+def tails(d, q=99):
+    """Each step's own q-th percentile (ms, interpolated within its histogram's buckets): which
+    step has the tail. The steps' percentiles do not add up; the end-to-end one is measured."""
+    t = {"fetch": _ms(h_quantile(d["stage_fetch"], q))}
+    for st in LOOP_STAGES:
+        t[st] = _ms(h_quantile(d[f"stage_{st}"], q))
+    for st in TAGGER_STEPS:
+        t[f"process.{st}"] = _ms(h_quantile(d[f"step_{st}"], q))
+    t["read_to_produced"] = _ms(h_quantile(d["tagger_handle"], q))
+    t["ingest_to_tagger_done"] = _ms(h_quantile(d["tagger_e2e"], q))
+    return t
+
+
 def cpu_seconds(pid):
     try:
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -246,6 +259,7 @@ def step(s, name, texts, rate, wait_timeout):
         },
         "cpu_cores": {r: round((cpu1[r] - cpu0[r]) / t_all, 2) for r in cpu0 if cpu0[r] is not None and cpu1[r] is not None},
         "accounting_ms": accounting(d),
+        "p99_by_step_ms": tails(d),
         "load_avg": round(os.getloadavg()[0], 2),
     }
     w = r["where_ms"]
@@ -273,6 +287,8 @@ def main():
     ap.add_argument("--pin", action="store_true", help="the tagger on CPU 1, everything else (Kafka, Cassandra, the registry, the sink, this load generator) on CPU 0; writes e2e-sweep-pinned.json")
     ap.add_argument("--cold", type=float, default=0.0, help="also measure cold start: items at --cold-rate from the moment the processes start, for this many seconds (then as long again, warm); with and without the model warm-up")
     ap.add_argument("--cold-rate", type=float, default=20.0, help="items/s of the cold-start rows")
+    ap.add_argument("--tagging", default="{}", help="JSON merged into the topology's `tagging` for every process of this run (the configuration under test), e.g. '{\"model\": {\"precision\": \"int8\"}}'")
+    ap.add_argument("--baseline", default=None, help="JSON merged into the shipped `tagging` (use '{}' for the shipped default): its capacity burst is measured first, in the same run, and reported beside this run's capacity")
     ap.add_argument("--name", default="", help="results file name (default e2e-sweep, or e2e-sweep-pinned with --pin)")
     ap.add_argument("--out", default=str(ROOT / "benches/results"))
     args = ap.parse_args()
@@ -282,7 +298,8 @@ def main():
     run_dir = ROOT / ".cache/sweep" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     db = faults.Db()
-    results = {"machine": machine(), "seconds_per_step": args.seconds, "steps": [], "tagging": tagging_summary()}
+    args.tagging = json.loads(args.tagging)
+    results = {"machine": machine(), "seconds_per_step": args.seconds, "steps": [], "tagging": tagging_summary(args.tagging)}
     if pins:
         results["pinned"] = pins
     name = args.name or ("e2e-sweep-pinned" if args.pin else "e2e-sweep")
@@ -305,6 +322,13 @@ def run_all(args, run_dir, db, results, name):
         (Path(args.out) / "e2e-delivery.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
         return
+    if args.baseline is not None:
+        # The reference configuration's capacity, measured first in this run (same machine state).
+        base = json.loads(args.baseline)
+        faults.log(f"baseline capacity burst: {tagging_summary(base)}")
+        b = {"steps": []}
+        cap_b = sweep(args, run_dir, db, "sweep-baseline", [], 0, None, b, tagging=base)
+        results["baseline"] = {"tagging": tagging_summary(base), "capacity_per_s": cap_b, "burst": b["steps"][0]}
     cap = sweep(args, run_dir, db, "sweep", loads, args.capacity, None, results)
     if args.exactly_once:
         # Capacity of the tagger in exactly-once mode, right after the at-least-once burst above.
@@ -324,17 +348,34 @@ def run_all(args, run_dir, db, results, name):
     print(json.dumps(results, indent=2))
 
 
-def sweep(args, run_dir, db, name, loads, cap, max_batch, results, delivery=None):
+def merge(dst, src):
+    """`src` merged into `dst` (nested maps merged, everything else replaced)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def configure(s, tagging, max_batch=None, delivery=None, warmup=None):
+    """Write the scenario's topology copy: `tagging` merged in, then the step's own settings."""
+    import yaml
+    t = yaml.safe_load(s.topo.read_text())
+    merge(t["tagging"], tagging)
+    if max_batch:
+        t["tagging"]["batching"]["max_batch_size"] = max_batch
+    if warmup is not None:
+        t["tagging"]["batching"]["warmup"] = warmup
+    if delivery:
+        t["processors"]["tagger"]["delivery"] = delivery
+    s.topo.write_text(yaml.safe_dump(t, sort_keys=False))
+
+
+def sweep(args, run_dir, db, name, loads, cap, max_batch, results, delivery=None, tagging=None):
     """One set of processes: warm-up, capacity burst unless `cap` is given, then each load."""
     s = faults.Scenario(name, run_dir, db)
-    if max_batch or delivery:
-        import yaml
-        t = yaml.safe_load(s.topo.read_text())
-        if max_batch:
-            t["tagging"]["batching"]["max_batch_size"] = max_batch
-        if delivery:
-            t["processors"]["tagger"]["delivery"] = delivery
-        s.topo.write_text(yaml.safe_dump(t, sort_keys=False))
+    configure(s, args.tagging if tagging is None else tagging, max_batch, delivery)
     tag = (f", max_batch_size {max_batch}" if max_batch else "") + (f", {delivery}" if delivery else "")
     try:
         s.start("tagger", "sink")
@@ -367,13 +408,9 @@ def cold(args, run_dir, db, warmup):
     `--cold` seconds), then as long again at the same rate (warm), latency to the tags topic per
     item. Items sent before the tagger is ready wait in the topic: they are reported apart."""
     import threading
-    import yaml
     name = "cold-nowarmup" if warmup == "0s" else "cold"
     s = faults.Scenario(name, run_dir, db)
-    if warmup is not None:
-        t = yaml.safe_load(s.topo.read_text())
-        t["tagging"]["batching"]["warmup"] = warmup
-        s.topo.write_text(yaml.safe_dump(t, sort_keys=False))
+    configure(s, args.tagging, warmup=warmup)
     n = max(1, int(args.cold_rate * args.cold))
     texts = items_from(args.data, 2 * n)
     out = {"warmup": warmup or "default", "rate_per_s": args.cold_rate, "seconds": args.cold}
@@ -453,9 +490,9 @@ def unpin(pins):
     faults.BIN = Path(pins["bin"])
 
 
-def tagging_summary():
+def tagging_summary(overrides=None):
     import yaml
-    t = yaml.safe_load((ROOT / "topology.yaml").read_text())["tagging"]
+    t = merge(yaml.safe_load((ROOT / "topology.yaml").read_text())["tagging"], overrides or {})
     b, m = t.get("batching", {}), t.get("model", {})
     return (f"precision {m.get('precision', 'fp32')}, max_batch_size {b.get('max_batch_size')}, "
             f"max_batch_tokens {b.get('max_batch_tokens')}, max_wait {b.get('max_wait')}")

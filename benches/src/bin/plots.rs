@@ -42,7 +42,7 @@ fn main() -> Result<()> {
     let out = args.results.join("plots");
     std::fs::create_dir_all(&out)?;
     type Plot = fn(&Value, &Path) -> Result<()>;
-    let plots: [(&str, Plot); 10] = [
+    let plots: [(&str, Plot); 11] = [
         ("precision", precision),
         ("retag", retag),
         ("precision-candidates", candidates),
@@ -53,6 +53,7 @@ fn main() -> Result<()> {
         ("e2e-sweep-fp32", sweep),
         ("e2e-sweep-accounting", sweep),
         ("e2e-sweep-pinned", sweep),
+        ("e2e-sweep-int8-unbatched", sweep),
     ];
     for (name, plot) in plots {
         let file = args.results.join(format!("{name}.json"));

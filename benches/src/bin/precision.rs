@@ -49,6 +49,12 @@ struct Args {
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also measure these candidates unbatched, as `<name>_unbatched`: the tagger with
+    /// `max_batch_size: 1`, so every sequence runs alone (no batch company: dynamic int8's
+    /// per-batch activation scale then depends on the item only). Their speed at every point
+    /// is their batch-1 rate, timed in the same rounds.
+    #[arg(long, value_delimiter = ',', default_value = "int8")]
+    unbatched: Vec<String>,
     /// Also measure the fp32 module cast to half precision on the device (GPU runs).
     #[arg(long)]
     fp16_cast: bool,
@@ -92,6 +98,8 @@ struct Candidate {
     file: PathBuf,
     /// Cast to half on the device after loading (GPU fp16).
     half: bool,
+    /// The tagger's `max_batch_size` for this candidate (None: batches as the bench forms them).
+    max_batch: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -173,17 +181,24 @@ fn candidates(a: &Args) -> anyhow::Result<Vec<Candidate>> {
             continue;
         }
         let file = a.model.join(manifest.module_file(&a.model, p)?);
-        out.push(Candidate { name: p.key().into(), file, half: false });
+        out.push(Candidate { name: p.key().into(), file, half: false, max_batch: None });
     }
     if let Some(dir) = a.extra.as_ref().filter(|d| d.join("manifest.json").is_file()) {
         let m: ExtraManifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json"))?)?;
         for (name, file) in m.candidates {
-            out.push(Candidate { name, file: dir.join(file), half: false });
+            out.push(Candidate { name, file: dir.join(file), half: false, max_batch: None });
         }
     }
     if a.fp16_cast {
-        out.push(Candidate { name: "fp16".into(), file: a.model.join("model.pt"), half: true });
+        out.push(Candidate { name: "fp16".into(), file: a.model.join("model.pt"), half: true, max_batch: None });
     }
+    let unbatched: Vec<Candidate> = a
+        .unbatched
+        .iter()
+        .filter_map(|n| out.iter().find(|c| &c.name == n))
+        .map(|c| Candidate { name: format!("{}_unbatched", c.name), max_batch: Some(1), ..c.clone() })
+        .collect();
+    out.extend(unbatched);
     if !a.only.is_empty() {
         let pick: Vec<Candidate> = a.only.iter().filter_map(|n| out.iter().find(|c| &c.name == n).cloned()).collect();
         anyhow::ensure!(pick.len() == a.only.len(), "--only {:?}: offered are {:?}", a.only, out.iter().map(|c| &c.name).collect::<Vec<_>>());
@@ -224,10 +239,11 @@ async fn drift(a: &Args, c: &Candidate, items: &[TagRequest], tmp: &Path) -> any
     let mut topo = Topology::load(&a.topology)?;
     let dir = candidate_folder(a, c, tmp)?;
     let over: serde_yaml::Value = serde_yaml::from_str(&format!(
-        "{{model: {{path: '{}', precision: fp32, threads: {}, device: '{}'}}, text: {{max_tokens_per_item: 254, adaptive_margin: 0}}, batching: {{max_batch_size: 32, max_batch_tokens: 16384, max_wait: {}ms, queue_capacity: 1024}}}}",
+        "{{model: {{path: '{}', precision: fp32, threads: {}, device: '{}'}}, text: {{max_tokens_per_item: 254, adaptive_margin: 0}}, batching: {{max_batch_size: {}, max_batch_tokens: 16384, max_wait: {}ms, queue_capacity: 1024}}}}",
         dir.display(),
         a.threads,
         a.device,
+        c.max_batch.unwrap_or(32),
         a.drift_wait_ms
     ))?;
     merge(&mut topo.file.tagging, &over);
@@ -364,10 +380,13 @@ async fn main() -> anyhow::Result<()> {
     for &len in &a.seq_lens {
         for &bs in &a.batch_sizes {
             let input = synthetic(len, bs, 7);
+            let single = synthetic(len, 1, 7);
             let mut rates = vec![Vec::new(); cands.len()];
             for _ in 0..a.rounds {
                 for (k, b) in backends.iter_mut().enumerate() {
-                    rates[k].push(items_per_s(b, &input, a.seconds));
+                    // An unbatched candidate runs the same items one sequence at a time.
+                    let x = if cands[k].max_batch == Some(1) { &single } else { &input };
+                    rates[k].push(items_per_s(b, x, a.seconds));
                 }
             }
             let meds: Vec<f64> = rates.into_iter().map(median).collect();
@@ -442,7 +461,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         a.out.join(format!("{}.json", a.name)),
         serde_json::to_string_pretty(&json!({"device": a.device, "threads": a.threads, "matmul_peak_gflops": if peak.is_finite() { json!(peak) } else { json!(null) },
-            "rounds": a.rounds, "seconds": a.seconds, "candidates": cands.iter().map(|c| json!({"name": c.name, "file": c.file, "half": c.half})).collect::<Vec<_>>(),
+            "rounds": a.rounds, "seconds": a.seconds, "candidates": cands.iter().map(|c| json!({"name": c.name, "file": c.file, "half": c.half, "max_batch_size": c.max_batch})).collect::<Vec<_>>(),
             "cosine_to_fp32": cosines, "speed": speed, "drift": drifts, "load": loads, "drift_wait_ms": a.drift_wait_ms, "load_avg_at_end": load.trim()}))?,
     )?;
     std::fs::write(a.out.join(format!("{}.md", a.name)), &md)?;

@@ -8,7 +8,7 @@ use lru::LruCache;
 use streamoasis_pipeline::events::{MediaKind, ModelRef, Strategy, Tag};
 
 use crate::batcher::{BatchError, Batcher, BatcherConfig, Seq};
-use crate::config::{kind_symbol, Calibration, KindSettings, Placement, StrategyKind, TaggerConfig};
+use crate::config::{kind_symbol, Calibration, KindSettings, Placement, Precision, StrategyKind, TaggerConfig};
 use crate::model::{parse_device, read_manifest, LoadError, Manifest, TextEncoder, TorchBackend};
 
 /// The text of one item.
@@ -302,6 +302,12 @@ impl Tagger {
     /// Load the model(s) and start the batcher(s); embeds the taxonomy once. Needs a tokio runtime.
     pub async fn load(cfg: TaggerConfig) -> Result<Tagger, LoadError> {
         let device = parse_device(&cfg.model.device)?;
+        if cfg.model.precision == Precision::Int8 && cfg.batching.max_batch_size > 1 {
+            tracing::warn!(
+                max_batch_size = cfg.batching.max_batch_size,
+                "tagging.model.precision int8 with tagging.batching.max_batch_size > 1: dynamic int8 scales activations per batch, so an item's scores move with the other items in its batch (by up to ~0.1, BENCHMARKS.md \"Precision candidates\"); max_batch_size: 1 keeps them independent, at a lower peak rate"
+            );
+        }
         let (scorer, manifest) = match (&cfg.strategy, &cfg.nli) {
             (StrategyKind::Nli, Some(n)) => {
                 let m = read_manifest(&n.model)?;
