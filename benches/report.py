@@ -270,34 +270,42 @@ def accounting_table(steps) -> list[str]:
     if not rows:
         return []
     ms = lambda x: "–" if x is None else f"{x:.1f}"
+    # The tagger's steps, in the order a record passes them: (header, key in the step maps).
+    steps_cols = [("fetch", "fetch"), ("key wait", "key_wait"), ("decode", "decode"), ("tokenize", "process.tokenize"),
+                  ("queue", "process.queue"), ("slot", "process.slot"), ("model", "process.model"), ("reply", "process.reply"),
+                  ("score", "process.score")]
+
+    def table(cols):
+        """Header and separator for `cols`, each (header, cell(row) -> str)."""
+        return ["| load | " + " | ".join(h for h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def rows_of(rs, cols):
+        return [f"| {r['load']} | " + " | ".join(cell(r) for _, cell in cols) + " |" for r in rs]
+
+    def step(src, key):
+        return lambda r: ms(r[src].get(key))
+
+    means = [(h, step("accounting_ms", k)) for h, k in steps_cols] + [
+        ("process, rest", step("accounting_ms", "process.other")), ("encode", step("accounting_ms", "encode")),
+        ("produce", step("accounting_ms", "produce")), ("unaccounted", step("accounting_ms", "unaccounted")),
+        ("read → produced", step("accounting_ms", "read_to_produced")),
+        ("accounted", lambda r: fmt(r["accounting_ms"].get("accounted_pct"), 1, pct=True))]
     out = ["Tagger read → produced, step by step (ms per record: each step's histogram sum over the step's records; "
            "`streamoasis_stage_seconds` of the run loop, and inside *process* the tagger's `streamoasis_tagger_step_seconds`: "
            "*queue* = enqueued → batch closed, *slot* = closed → the model starts it, *model* = its batch's forward pass, "
            "*reply* = forward done → the record's task runs again; *fetch* = record timestamp → read, not part of read → produced; "
            "*unaccounted* = read → produced minus the run loop's stages; *accounted* = the measured steps, without process' own remainder, "
-           "over read → produced):", "",
-           "| load | fetch | key wait | decode | tokenize | queue | slot | model | reply | score | process, rest | encode | produce | unaccounted | read → produced | accounted |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        a = r["accounting_ms"]
-        out.append(f"| {r['load']} | {ms(a.get('fetch'))} | {ms(a.get('key_wait'))} | {ms(a.get('decode'))} | {ms(a.get('process.tokenize'))} | "
-                   f"{ms(a.get('process.queue'))} | {ms(a.get('process.slot'))} | {ms(a.get('process.model'))} | {ms(a.get('process.reply'))} | "
-                   f"{ms(a.get('process.score'))} | {ms(a.get('process.other'))} | {ms(a.get('encode'))} | {ms(a.get('produce'))} | "
-                   f"{ms(a.get('unaccounted'))} | {ms(a.get('read_to_produced'))} | {fmt(a.get('accounted_pct'), 1, pct=True)} |")
-    out.append("")
+           "over read → produced):", ""] + table(means) + rows_of(rows, means) + [""]
     tails = [r for r in rows if r.get("p99_by_step_ms")]
     if tails:
+        p99 = [(h, step("p99_by_step_ms", k)) for h, k in steps_cols] + [
+            ("encode", step("p99_by_step_ms", "encode")), ("produce", step("p99_by_step_ms", "produce")),
+            ("read → produced", step("p99_by_step_ms", "read_to_produced")),
+            ("ingest → tagger done", step("p99_by_step_ms", "ingest_to_tagger_done")),
+            ("p99 → tags (measured)", lambda r: ms(r.get("tags_p99_ms")))]
         out += ["Which step holds the tail: each step's own 99th percentile (ms, from its histogram, interpolated within "
-                "buckets; percentiles of steps do not add up, the measured end-to-end p99 is the last column):", "",
-                "| load | fetch | key wait | decode | tokenize | queue | slot | model | reply | score | encode | produce | read → produced | ingest → tagger done | p99 → tags (measured) |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in tails:
-            t = r["p99_by_step_ms"]
-            out.append(f"| {r['load']} | {ms(t.get('fetch'))} | {ms(t.get('key_wait'))} | {ms(t.get('decode'))} | {ms(t.get('process.tokenize'))} | "
-                       f"{ms(t.get('process.queue'))} | {ms(t.get('process.slot'))} | {ms(t.get('process.model'))} | {ms(t.get('process.reply'))} | "
-                       f"{ms(t.get('process.score'))} | {ms(t.get('encode'))} | {ms(t.get('produce'))} | {ms(t.get('read_to_produced'))} | "
-                       f"{ms(t.get('ingest_to_tagger_done'))} | {ms(r.get('tags_p99_ms'))} |")
-        out.append("")
+                "buckets; percentiles of steps do not add up, the measured end-to-end p99 is the last column):", ""]
+        out += table(p99) + rows_of(tails, p99) + [""]
     return out
 
 
