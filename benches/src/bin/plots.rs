@@ -25,7 +25,16 @@ const FONTS: &[&str] =
     &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"];
 
 const SIZE: (u32, u32) = (900, 560);
-const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(23, 190, 207),
+    RGBColor(227, 119, 194),
+];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -135,6 +144,17 @@ fn candidates(v: &Value, png: &Path) -> Result<()> {
     let names: Vec<String> = v["candidates"].as_array().context("no candidates")?.iter().filter_map(|c| c["name"].as_str().map(str::to_string)).collect();
     let fp32 =
         |tokens: i64, batch: i64| speed.iter().find(|r| r["tokens"].as_i64() == Some(tokens) && r["batch"].as_i64() == Some(batch)).and_then(|r| r["items_per_s"]["fp32"].as_f64());
+    // Items/s through the tagger on the accuracy sets (`precision-accuracy.json` beside it, same
+    // session), as a ratio to fp32: drawn as a hollow marker beside the kernel-only one.
+    let acc: Option<Value> =
+        png.parent().and_then(Path::parent).and_then(|d| std::fs::read_to_string(d.join("precision-accuracy.json")).ok()).and_then(|t| serde_json::from_str(&t).ok());
+    let tagger_ratio = |name: &str| -> Option<f64> {
+        let rows = acc.as_ref()?["results"].as_array()?;
+        let row = |n: &str| rows.iter().find(|r| r["configuration"].as_str().is_some_and(|c| if n == "fp32" { c.starts_with("default") } else { c == n }));
+        let (a, b) = (row(name)?, row("fp32")?);
+        let rs: Vec<f64> = ["full_items_per_s", "titles_items_per_s", "tmdb_items_per_s"].iter().filter_map(|k| Some(a[*k].as_f64()? / b[*k].as_f64()?)).collect();
+        (!rs.is_empty()).then(|| (rs.iter().map(|r| r.ln()).sum::<f64>() / rs.len() as f64).exp())
+    };
     let mut pts: Vec<(String, f64, f64)> = Vec::new();
     for n in &names {
         let Some(d) = v["drift"][n.as_str()]["max"].as_f64() else { continue };
@@ -147,7 +167,7 @@ fn candidates(v: &Value, png: &Path) -> Result<()> {
         pts.push((n.clone(), d.max(1e-7), g));
     }
     anyhow::ensure!(!pts.is_empty(), "no candidate has both drift and speed");
-    let y_max = pts.iter().map(|p| p.2).fold(1.0f64, f64::max) * 1.2;
+    let y_max = pts.iter().map(|p| p.2.max(tagger_ratio(&p.0).unwrap_or(0.0))).fold(1.0f64, f64::max) * 1.2;
     let root = BitMapBackend::new(png, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -159,7 +179,7 @@ fn candidates(v: &Value, png: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("largest score change with batch company (BBC items, log; 0 drawn at 1e-7)")
-        .y_desc("items/s / fp32 (geometric mean over the run's points)")
+        .y_desc("items/s / fp32 (geometric mean; filled: kernels, ring: through the tagger)")
         .x_label_formatter(&|x| format!("{x:.0e}"))
         .label_style(("sans-serif", 14))
         .draw()?;
@@ -170,6 +190,9 @@ fn candidates(v: &Value, png: &Path) -> Result<()> {
     for (i, (name, x, y)) in pts.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart.draw_series(std::iter::once(Circle::new((*x, *y), 7, c.filled())))?.label(name.as_str()).legend(move |(px, py)| Circle::new((px + 8, py), 5, c.filled()));
+        if let Some(t) = tagger_ratio(name) {
+            chart.draw_series(std::iter::once(Circle::new((*x, t), 9, c.stroke_width(2))))?;
+        }
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 13)).position(SeriesLabelPosition::UpperLeft).draw()?;
     root.present()?;
