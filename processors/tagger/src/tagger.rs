@@ -249,6 +249,9 @@ pub struct Tagger {
     /// Embeddings of each calibration's fitted labels (None: `embedding.calibration`; a kind:
     /// that kind's calibration under its templates), for carrying pairs to unseen names.
     fitted: HashMap<Option<MediaKind>, crate::scoring::FittedLabels>,
+    /// [`Tagger::embedding_version`], fixed at load (it depends on the model and the windowing,
+    /// neither of which a reload changes).
+    embedding_version: String,
 }
 
 impl std::fmt::Debug for Tagger {
@@ -351,7 +354,9 @@ impl Tagger {
             manifest,
             cfg,
             fitted: HashMap::new(),
+            embedding_version: String::new(),
         };
+        tagger.embedding_version = tagger.compute_embedding_version();
         let labels = tagger.cfg.labels.clone();
         let taxonomy = tagger.embed_taxonomy(&labels).await.map_err(|source| LoadError::Embedding { what: "the taxonomy", source })?;
         tagger.taxonomy = std::sync::RwLock::new(Arc::new(taxonomy));
@@ -697,7 +702,7 @@ impl Tagger {
     /// model or windowing ([`Tagger::embedding_version`]), the NLI strategy, or a part the
     /// current settings need that was not read then (the item must go through the model).
     pub async fn tag_from_embedding(&self, kind: MediaKind, candidate_labels: Option<&[String]>, e: &ItemEmbedding) -> Result<Option<TagResult>, TagError> {
-        if !matches!(self.scorer, Scorer::Embedding(_)) || e.embedding_version != self.embedding_version() {
+        if !matches!(self.scorer, Scorer::Embedding(_)) || e.embedding_version != self.embedding_version {
             return Ok(None);
         }
         let labels = match candidate_labels {
@@ -762,6 +767,10 @@ impl Tagger {
     /// version) and the windowing (window length, stride, placement, token budget). Stored rows
     /// of another embedding version cannot be reused.
     pub fn embedding_version(&self) -> String {
+        self.embedding_version.clone()
+    }
+
+    fn compute_embedding_version(&self) -> String {
         use sha2::Digest;
         let t = &self.cfg.text;
         let max_tokens = match &self.scorer {
