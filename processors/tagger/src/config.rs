@@ -181,6 +181,14 @@ pub struct Transfer {
     /// Width of the gate around `min_similarity`.
     #[serde(default = "default_transfer_width")]
     pub width: f32,
+    /// The share of a label set's unfitted labels that must each be *specific* to a fitted
+    /// label (nearer to it than any other fitted label is) for the set to take carried pairs;
+    /// otherwise every unfitted label of the set keeps the global pair. Carrying assumes the
+    /// labels are the fitted categories under other names ("sci-fi", "scary movie"); a set of
+    /// other things (themes, news sections on films) would borrow arbitrary priors. 0 = always
+    /// carry.
+    #[serde(default = "default_min_specific")]
+    pub min_specific: f32,
 }
 
 fn default_true() -> bool {
@@ -195,10 +203,19 @@ fn default_min_similarity() -> f32 {
 fn default_transfer_width() -> f32 {
     0.03
 }
+fn default_min_specific() -> f32 {
+    0.5
+}
 
 impl Default for Transfer {
     fn default() -> Self {
-        Transfer { enabled: true, temperature: default_transfer_temperature(), min_similarity: default_min_similarity(), width: default_transfer_width() }
+        Transfer {
+            enabled: true,
+            temperature: default_transfer_temperature(),
+            min_similarity: default_min_similarity(),
+            width: default_transfer_width(),
+            min_specific: default_min_specific(),
+        }
     }
 }
 
@@ -222,6 +239,9 @@ impl Calibration {
         }
         if t.width.is_nan() || t.width <= 0.0 {
             return Err((format!("{key}.transfer.width"), format!("{} must be > 0", t.width)));
+        }
+        if !(0.0..=1.0).contains(&t.min_specific) {
+            return Err((format!("{key}.transfer.min_specific"), format!("{} must be a share within 0..1", t.min_specific)));
         }
         if !(-1.0..=1.0).contains(&t.min_similarity) {
             return Err((format!("{key}.transfer.min_similarity"), format!("{} must be a cosine within -1..1", t.min_similarity)));

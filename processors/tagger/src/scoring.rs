@@ -110,6 +110,52 @@ pub fn label_pair(c: &Calibration, name: &str, vector: &[f32], fitted: &[(String
     (g * a + (1.0 - g) * c.slope, g * b + (1.0 - g) * c.bias)
 }
 
+/// Whether a label set takes carried pairs ([`crate::config::Transfer::min_specific`]): the
+/// share of its labels without their own pair that are *specific* — nearer to their nearest
+/// fitted label than any other fitted label is to that one — is at least `min_specific`.
+/// With this model's prompts nearly every label is within 0.6 of some fitted one, so nearness
+/// alone does not tell a renamed category ("sci-fi" → science fiction, 0.93, where science
+/// fiction's nearest fitted neighbour is 0.77) from another kind of label ("business" →
+/// thriller, 0.75, below thriller's 0.80). Judged per set, because scores of carried and global
+/// pairs mixed in one ranking are not comparable.
+pub fn set_takes_transfer(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> bool {
+    let t = &c.transfer;
+    let known: Vec<&Arc<Vec<f32>>> = fitted.iter().filter(|(n, _)| c.own_pair(n).is_some()).map(|(_, v)| v).collect();
+    if !t.enabled || known.is_empty() {
+        return false;
+    }
+    if t.min_specific <= 0.0 {
+        return true;
+    }
+    // Each fitted label's similarity to its nearest other fitted label.
+    let spacing: Vec<f32> =
+        known.iter().enumerate().map(|(i, a)| known.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, b)| dot(a, b)).fold(f32::NEG_INFINITY, f32::max)).collect();
+    let (mut unfitted, mut specific) = (0usize, 0usize);
+    for (name, v) in names.iter().zip(vectors) {
+        if c.own_pair(name).is_some() {
+            continue;
+        }
+        unfitted += 1;
+        let nearest = known.iter().enumerate().map(|(j, f)| (j, dot(v, f))).max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((j, s)) = nearest {
+            if s >= spacing[j] {
+                specific += 1;
+            }
+        }
+    }
+    unfitted > 0 && specific as f32 >= t.min_specific * unfitted as f32
+}
+
+/// (slope, bias) of every label of a set: [`label_pair`] when the set takes carried pairs
+/// ([`set_takes_transfer`]), else each label's own pair or the global one.
+pub fn label_pairs(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> Vec<(f32, f32)> {
+    if set_takes_transfer(c, names, vectors, fitted) {
+        names.iter().zip(vectors).map(|(n, v)| label_pair(c, n, v, fitted)).collect()
+    } else {
+        names.iter().map(|n| c.pair(n)).collect()
+    }
+}
+
 /// Calibrated multi-label scores: `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label,
 /// with each label's pair from [`label_pair`].
 pub fn calibrated_scores(cos: &[f32], pairs: &[(f32, f32)]) -> Vec<f32> {
@@ -417,6 +463,28 @@ mod tests {
         // Transfer off: the global pair, as before.
         let off = Calibration { transfer: Transfer { enabled: false, ..Transfer::default() }, ..c.clone() };
         assert_eq!(label_pair(&off, "sci-fi", &unit(&[0.95, 0.05, 0.3]), &fitted), (10.0, -2.0));
+        // The set decides: fitted labels at 0.8 from each other (each one's nearest fitted neighbour);
+        // renamed ones nearer than that are carried, a set of mostly other labels is not.
+        let c2 = Calibration { labels: [("science fiction".to_string(), (30.0, -3.0)), ("drama".to_string(), (8.0, 0.0))].into_iter().collect(), ..c.clone() };
+        let fitted2: FittedLabels = vec![("science fiction".into(), Arc::new(unit(&[1.0, 0.0, 0.0]))), ("drama".into(), Arc::new(unit(&[0.8, 0.6, 0.0])))];
+        let v = |x: &[f32]| Arc::new(unit(x));
+        let renamed = (vec!["sci-fi".to_string(), "emotional story".to_string()], vec![v(&[0.95, 0.05, 0.3]), v(&[0.5, 0.85, 0.1])]);
+        assert!(set_takes_transfer(&c2, &renamed.0, &renamed.1, &fitted2));
+        let pairs = label_pairs(&c2, &renamed.0, &renamed.1, &fitted2);
+        assert!((pairs[0].0 - 30.0).abs() < 0.5 && (pairs[1].0 - 8.0).abs() < 0.5, "{pairs:?}");
+        // "business" and "politics" are within the gate of some fitted label (0.62 each) but
+        // not nearer than the fitted labels are to each other: with "sci-fi" one of three, the
+        // set keeps the global pair for all three; a fitted name keeps its own.
+        let other = (
+            vec!["sci-fi".to_string(), "business".to_string(), "politics".to_string(), "drama".to_string()],
+            vec![v(&[0.95, 0.05, 0.3]), v(&[0.62, 0.0, 0.78]), v(&[0.4, 0.5, 0.77]), v(&[0.8, 0.6, 0.0])],
+        );
+        assert!(dot(&other.1[1], &fitted2[0].1) > 0.6 && dot(&other.1[2], &fitted2[1].1) > 0.6);
+        assert!(!set_takes_transfer(&c2, &other.0, &other.1, &fitted2));
+        assert_eq!(label_pairs(&c2, &other.0, &other.1, &fitted2), vec![(10.0, -2.0), (10.0, -2.0), (10.0, -2.0), (8.0, 0.0)]);
+        // min_specific 0: the earlier rule, every label carried by similarity alone.
+        let always = Calibration { transfer: Transfer { min_specific: 0.0, ..Transfer::default() }, ..c2.clone() };
+        assert!(set_takes_transfer(&always, &other.0, &other.1, &fitted2));
         // Scores: per-item normalisation (cos minus the item's mean over its candidates), so
         // adding a constant to every cosine leaves them unchanged.
         let pairs = [(10.0, 0.0), (10.0, 0.0)];

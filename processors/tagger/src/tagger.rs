@@ -846,7 +846,7 @@ impl Tagger {
             match ks.calibration {
                 Some(c) => {
                     let fitted = self.fitted.get(&Some(kind)).or_else(|| self.fitted.get(&None)).map_or(&[][..], |f| f.as_slice());
-                    let pairs: Vec<(f32, f32)> = names.iter().zip(vectors).map(|(n, v)| crate::scoring::label_pair(c, n, v, fitted)).collect();
+                    let pairs = crate::scoring::label_pairs(c, names, vectors, fitted);
                     crate::scoring::calibrated_scores(&cos, &pairs)
                 }
                 None => cos.iter().map(|c| sigmoid((c - e.center) / e.scale)).collect(),

@@ -179,3 +179,52 @@ async fn the_nli_strategy_loads_no_embedding_model() {
     assert_eq!(r.scores.len(), 2);
     assert!(tagger.embed_texts(&["x".to_string()]).await.is_err());
 }
+
+/// The shipped `tagging:` of topology.yaml on the exported model, with the film calibration's
+/// `transfer` replaced by `transfer` (YAML).
+fn shipped_with_transfer(transfer: &str) -> TaggerConfig {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../topology.yaml")).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut tagging = std::mem::take(&mut doc["tagging"]);
+    tagging["model"]["path"] = model_dir().display().to_string().into();
+    tagging["model"]["threads"] = 2.into();
+    tagging["embedding"]["kinds"]["MOVIE"]["calibration"]["transfer"] = serde_yaml::from_str(transfer).unwrap();
+    let cfg: TaggerConfig = serde_yaml::from_value(tagging).unwrap();
+    cfg.validate("test").unwrap();
+    cfg
+}
+
+/// Each candidate's score, by label.
+async fn scores(tagger: &Tagger, labels: &[&str]) -> std::collections::BTreeMap<String, f32> {
+    let req = TagRequest {
+        title: "Stagecoach".into(),
+        description: Some("Strangers ride a stagecoach through dangerous territory while an outlaw seeks revenge on the men who killed his family.".into()),
+        kind: MediaKind::Movie,
+        candidate_labels: Some(labels.iter().map(|l| l.to_string()).collect()),
+        ..Default::default()
+    };
+    tagger.tag(&req).await.unwrap().scores.into_iter().map(|t| (t.label, t.score)).collect()
+}
+
+fn largest_change(a: &std::collections::BTreeMap<String, f32>, b: &std::collections::BTreeMap<String, f32>) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().map(|(l, s)| (s - b[l]).abs()).fold(0.0, f32::max)
+}
+
+/// The shipped film calibration carries its fitted genre pairs to a set of genres under other
+/// names, and not to a set of other labels (news sections asked of a film), whose scores stay
+/// exactly those of the global pair; `min_specific: 0` (similarity alone) would carry them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_calibration_carries_pairs_to_renamed_genres_only() {
+    let on = Tagger::load(shipped_with_transfer("{}")).await.unwrap();
+    let off = Tagger::load(shipped_with_transfer("{enabled: false}")).await.unwrap();
+    let always = Tagger::load(shipped_with_transfer("{min_specific: 0}")).await.unwrap();
+    let renamed = ["sci-fi", "scary movie", "love story", "cowboys", "funny movie", "cartoon"];
+    let sections = ["business", "entertainment", "politics", "sport", "tech"];
+    let d = largest_change(&scores(&on, &renamed).await, &scores(&off, &renamed).await);
+    assert!(d > 0.01, "renamed genres take the fitted pairs: largest change {d}");
+    let d = largest_change(&scores(&on, &sections).await, &scores(&off, &sections).await);
+    assert!(d < 1e-6, "news sections keep the global pair: largest change {d}");
+    let d = largest_change(&scores(&always, &sections).await, &scores(&off, &sections).await);
+    assert!(d > 0.01, "carried by similarity alone, the sections would borrow genre priors: largest change {d}");
+}
