@@ -189,6 +189,11 @@ pub struct Transfer {
     /// carry.
     #[serde(default = "default_min_specific")]
     pub min_specific: f32,
+    /// In a set that takes carried pairs, how far each specific label's vector moves towards
+    /// the fitted labels it renames (0 = not at all, 1 = all the way): a paraphrase's own
+    /// prompt ranks items less well than the fitted name it stands for.
+    #[serde(default = "default_anchor")]
+    pub anchor: f32,
 }
 
 fn default_true() -> bool {
@@ -206,6 +211,9 @@ fn default_transfer_width() -> f32 {
 fn default_min_specific() -> f32 {
     0.5
 }
+fn default_anchor() -> f32 {
+    0.75
+}
 
 impl Default for Transfer {
     fn default() -> Self {
@@ -215,6 +223,7 @@ impl Default for Transfer {
             min_similarity: default_min_similarity(),
             width: default_transfer_width(),
             min_specific: default_min_specific(),
+            anchor: default_anchor(),
         }
     }
 }
@@ -239,6 +248,9 @@ impl Calibration {
         }
         if t.width.is_nan() || t.width <= 0.0 {
             return Err((format!("{key}.transfer.width"), format!("{} must be > 0", t.width)));
+        }
+        if !(0.0..=1.0).contains(&t.anchor) {
+            return Err((format!("{key}.transfer.anchor"), format!("{} must be a share within 0..1", t.anchor)));
         }
         if !(0.0..=1.0).contains(&t.min_specific) {
             return Err((format!("{key}.transfer.min_specific"), format!("{} must be a share within 0..1", t.min_specific)));

@@ -41,7 +41,9 @@
 //!   fitted labels nearest in embedding space, gated towards the global pair when none is near
 //!   ([`scoring::label_pair`]), when the label set looks like the fitted categories renamed:
 //!   at least `min_specific` (half) of its unfitted labels are each nearer to one fitted label
-//!   than the fitted labels are to each other ([`scoring::set_takes_transfer`]).
+//!   than the fitted labels are to each other ([`scoring::set_takes_transfer`]); those specific
+//!   labels also move their vectors `anchor` (0.75) of the way towards the fitted labels they
+//!   rename ([`scoring::calibrate_set`]).
 //! - `adaptive_margin` with `min_evidence_tokens` (8): the body is skipped only when the item
 //!   has a description, title + description have enough informative tokens
 //!   ([`scoring::informative_tokens`]: not "Episode 12") and the lead's top-2 margin on the

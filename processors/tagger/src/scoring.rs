@@ -110,6 +110,28 @@ pub fn label_pair(c: &Calibration, name: &str, vector: &[f32], fitted: &[(String
     (g * a + (1.0 - g) * c.slope, g * b + (1.0 - g) * c.bias)
 }
 
+/// The fitted labels that have their own pair, and each one's similarity to its nearest other
+/// fitted label (how far apart the fitted categories are).
+struct Known<'a> {
+    vectors: Vec<&'a Arc<Vec<f32>>>,
+    spacing: Vec<f32>,
+}
+
+impl<'a> Known<'a> {
+    fn of(c: &Calibration, fitted: &'a [(String, Arc<Vec<f32>>)]) -> Self {
+        let vectors: Vec<&Arc<Vec<f32>>> = fitted.iter().filter(|(n, _)| c.own_pair(n).is_some()).map(|(_, v)| v).collect();
+        let spacing =
+            vectors.iter().enumerate().map(|(i, a)| vectors.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, b)| dot(a, b)).fold(f32::NEG_INFINITY, f32::max)).collect();
+        Known { vectors, spacing }
+    }
+
+    /// Whether `v` is nearer to its nearest fitted label than any other fitted label is to it.
+    fn specific(&self, v: &[f32]) -> bool {
+        let nearest = self.vectors.iter().enumerate().map(|(j, f)| (j, dot(v, f))).max_by(|a, b| a.1.total_cmp(&b.1));
+        nearest.is_some_and(|(j, s)| s >= self.spacing[j])
+    }
+}
+
 /// Whether a label set takes carried pairs ([`crate::config::Transfer::min_specific`]): the
 /// share of its labels without their own pair that are *specific* — nearer to their nearest
 /// fitted label than any other fitted label is to that one — is at least `min_specific`.
@@ -120,40 +142,69 @@ pub fn label_pair(c: &Calibration, name: &str, vector: &[f32], fitted: &[(String
 /// pairs mixed in one ranking are not comparable.
 pub fn set_takes_transfer(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> bool {
     let t = &c.transfer;
-    let known: Vec<&Arc<Vec<f32>>> = fitted.iter().filter(|(n, _)| c.own_pair(n).is_some()).map(|(_, v)| v).collect();
-    if !t.enabled || known.is_empty() {
+    let known = Known::of(c, fitted);
+    if !t.enabled || known.vectors.is_empty() {
         return false;
     }
     if t.min_specific <= 0.0 {
         return true;
     }
-    // Each fitted label's similarity to its nearest other fitted label.
-    let spacing: Vec<f32> =
-        known.iter().enumerate().map(|(i, a)| known.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, b)| dot(a, b)).fold(f32::NEG_INFINITY, f32::max)).collect();
-    let (mut unfitted, mut specific) = (0usize, 0usize);
-    for (name, v) in names.iter().zip(vectors) {
-        if c.own_pair(name).is_some() {
-            continue;
-        }
-        unfitted += 1;
-        let nearest = known.iter().enumerate().map(|(j, f)| (j, dot(v, f))).max_by(|a, b| a.1.total_cmp(&b.1));
-        if let Some((j, s)) = nearest {
-            if s >= spacing[j] {
-                specific += 1;
-            }
-        }
-    }
-    unfitted > 0 && specific as f32 >= t.min_specific * unfitted as f32
+    let unfitted: Vec<&Arc<Vec<f32>>> = names.iter().zip(vectors).filter(|(n, _)| c.own_pair(n).is_none()).map(|(_, v)| v).collect();
+    let specific = unfitted.iter().filter(|v| known.specific(v)).count();
+    !unfitted.is_empty() && specific as f32 >= t.min_specific * unfitted.len() as f32
 }
 
-/// (slope, bias) of every label of a set: [`label_pair`] when the set takes carried pairs
-/// ([`set_takes_transfer`]), else each label's own pair or the global one.
-pub fn label_pairs(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> Vec<(f32, f32)> {
-    if set_takes_transfer(c, names, vectors, fitted) {
-        names.iter().zip(vectors).map(|(n, v)| label_pair(c, n, v, fitted)).collect()
-    } else {
-        names.iter().map(|n| c.pair(n)).collect()
+/// How a calibrated label set is scored: each label's (slope, bias), and the label vectors to
+/// score with when some were anchored (`None`: the label vectors as they are).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetCalibration {
+    pub pairs: Vec<(f32, f32)>,
+    pub anchored: Option<Vec<Vec<f32>>>,
+}
+
+/// Calibrate a label set. When the set takes carried pairs ([`set_takes_transfer`]) each
+/// unfitted label gets [`label_pair`], and each *specific* one (a fitted category under another
+/// name) also moves its vector `transfer.anchor` of the way towards the fitted labels it
+/// renames (same softmax weights and gate as the pair): a paraphrase's own prompt ranks items
+/// less well than the name it stands for. Otherwise every label has its own pair or the global
+/// one, and the vectors are left alone.
+pub fn calibrate_set(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> SetCalibration {
+    if !set_takes_transfer(c, names, vectors, fitted) {
+        return SetCalibration { pairs: names.iter().map(|n| c.pair(n)).collect(), anchored: None };
     }
+    let pairs = names.iter().zip(vectors).map(|(n, v)| label_pair(c, n, v, fitted)).collect();
+    let t = &c.transfer;
+    if t.anchor <= 0.0 {
+        return SetCalibration { pairs, anchored: None };
+    }
+    let known = Known::of(c, fitted);
+    let mut moved = false;
+    let anchored = names
+        .iter()
+        .zip(vectors)
+        .map(|(n, v)| {
+            if c.own_pair(n).is_some() || !known.specific(v) {
+                return v.to_vec();
+            }
+            let sims: Vec<f32> = known.vectors.iter().map(|f| dot(v, f)).collect();
+            let best = sims.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f32> = sims.iter().map(|s| ((s - best) / t.temperature).exp()).collect();
+            let total: f32 = w.iter().sum();
+            let g = 1.0 / (1.0 + (-(best - t.min_similarity) / t.width).exp());
+            let k = t.anchor * g;
+            let mut out: Vec<f32> = v.iter().map(|x| (1.0 - k) * x).collect();
+            for (f, wj) in known.vectors.iter().zip(&w) {
+                out.iter_mut().zip(f.iter()).for_each(|(o, x)| *o += k * wj / total * x);
+            }
+            let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                out.iter_mut().for_each(|x| *x /= norm);
+            }
+            moved = true;
+            out
+        })
+        .collect();
+    SetCalibration { pairs, anchored: moved.then_some(anchored) }
 }
 
 /// Calibrated multi-label scores: `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label,
@@ -470,7 +521,8 @@ mod tests {
         let v = |x: &[f32]| Arc::new(unit(x));
         let renamed = (vec!["sci-fi".to_string(), "emotional story".to_string()], vec![v(&[0.95, 0.05, 0.3]), v(&[0.5, 0.85, 0.1])]);
         assert!(set_takes_transfer(&c2, &renamed.0, &renamed.1, &fitted2));
-        let pairs = label_pairs(&c2, &renamed.0, &renamed.1, &fitted2);
+        let cal = calibrate_set(&c2, &renamed.0, &renamed.1, &fitted2);
+        let pairs = &cal.pairs;
         assert!((pairs[0].0 - 30.0).abs() < 0.5 && (pairs[1].0 - 8.0).abs() < 0.5, "{pairs:?}");
         // "business" and "politics" are within the gate of some fitted label (0.62 each) but
         // not nearer than the fitted labels are to each other: with "sci-fi" one of three, the
@@ -481,7 +533,17 @@ mod tests {
         );
         assert!(dot(&other.1[1], &fitted2[0].1) > 0.6 && dot(&other.1[2], &fitted2[1].1) > 0.6);
         assert!(!set_takes_transfer(&c2, &other.0, &other.1, &fitted2));
-        assert_eq!(label_pairs(&c2, &other.0, &other.1, &fitted2), vec![(10.0, -2.0), (10.0, -2.0), (10.0, -2.0), (8.0, 0.0)]);
+        assert_eq!(calibrate_set(&c2, &other.0, &other.1, &fitted2), SetCalibration { pairs: vec![(10.0, -2.0), (10.0, -2.0), (10.0, -2.0), (8.0, 0.0)], anchored: None });
+        // Anchoring: in the renamed set both labels are specific and move towards their fitted
+        // category (75% of the way at a gate of ~1); with anchor 0 they are left alone.
+        let moved = cal.anchored.as_ref().expect("a renamed set's specific labels are anchored");
+        for (i, f) in [(0usize, &fitted2[0].1), (1, &fitted2[1].1)] {
+            let (before, after) = (dot(&renamed.1[i], f), dot(&moved[i], f));
+            assert!(after > before && after > 0.98, "label {i}: {before} -> {after}");
+            assert!((moved[i].iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        let no_anchor = Calibration { transfer: Transfer { anchor: 0.0, ..Transfer::default() }, ..c2.clone() };
+        assert_eq!(calibrate_set(&no_anchor, &renamed.0, &renamed.1, &fitted2).anchored, None);
         // min_specific 0: the earlier rule, every label carried by similarity alone.
         let always = Calibration { transfer: Transfer { min_specific: 0.0, ..Transfer::default() }, ..c2.clone() };
         assert!(set_takes_transfer(&always, &other.0, &other.1, &fitted2));

@@ -846,8 +846,12 @@ impl Tagger {
             match ks.calibration {
                 Some(c) => {
                     let fitted = self.fitted.get(&Some(kind)).or_else(|| self.fitted.get(&None)).map_or(&[][..], |f| f.as_slice());
-                    let pairs = crate::scoring::label_pairs(c, names, vectors, fitted);
-                    crate::scoring::calibrated_scores(&cos, &pairs)
+                    let set = crate::scoring::calibrate_set(c, names, vectors, fitted);
+                    let cos = match &set.anchored {
+                        Some(anchored) => anchored.iter().map(|v| dot(doc, v)).collect(),
+                        None => cos,
+                    };
+                    crate::scoring::calibrated_scores(&cos, &set.pairs)
                 }
                 None => cos.iter().map(|c| sigmoid((c - e.center) / e.scale)).collect(),
             }

@@ -213,7 +213,8 @@ fn largest_change(a: &std::collections::BTreeMap<String, f32>, b: &std::collecti
 
 /// The shipped film calibration carries its fitted genre pairs to a set of genres under other
 /// names, and not to a set of other labels (news sections asked of a film), whose scores stay
-/// exactly those of the global pair; `min_specific: 0` (similarity alone) would carry them.
+/// exactly those of the global pair (and their vectors are not anchored); `min_specific: 0`
+/// (similarity alone) would carry them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_calibration_carries_pairs_to_renamed_genres_only() {
     let on = Tagger::load(shipped_with_transfer("{}")).await.unwrap();
@@ -223,6 +224,10 @@ async fn shipped_calibration_carries_pairs_to_renamed_genres_only() {
     let sections = ["business", "entertainment", "politics", "sport", "tech"];
     let d = largest_change(&scores(&on, &renamed).await, &scores(&off, &renamed).await);
     assert!(d > 0.01, "renamed genres take the fitted pairs: largest change {d}");
+    // ... and are anchored towards the genres they rename: anchor 0 scores them otherwise.
+    let unanchored = Tagger::load(shipped_with_transfer("{anchor: 0}")).await.unwrap();
+    let d = largest_change(&scores(&on, &renamed).await, &scores(&unanchored, &renamed).await);
+    assert!(d > 0.01, "anchoring moves the renamed genres' scores: largest change {d}");
     let d = largest_change(&scores(&on, &sections).await, &scores(&off, &sections).await);
     assert!(d < 1e-6, "news sections keep the global pair: largest change {d}");
     let d = largest_change(&scores(&always, &sections).await, &scores(&off, &sections).await);
