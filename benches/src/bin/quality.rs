@@ -291,9 +291,7 @@ async fn main() -> anyhow::Result<()> {
         let tagger = Arc::new(Tagger::load(cfg.clone()).await?);
         let mut row = json!({"configuration": name, "override": serde_json::to_value(over)?, "windows_per_item": tagger.window_count()?});
         if !test.is_empty() {
-            for (key, labels, gold) in
-                [("tmdb_seen", &genres, &seen_gold), ("tmdb_unseen", &unseen, &unseen_gold), ("tmdb_held_out", &held_out, &held_out_gold)]
-            {
+            for (key, labels, gold) in [("tmdb_seen", &genres, &seen_gold), ("tmdb_unseen", &unseen, &unseen_gold), ("tmdb_held_out", &held_out, &held_out_gold)] {
                 let reqs: Vec<TagRequest> = test
                     .iter()
                     .map(|f| TagRequest {
