@@ -141,8 +141,11 @@ impl<'a> Known<'a> {
 /// thriller, 0.75, below thriller's 0.80). Judged per set, because scores of carried and global
 /// pairs mixed in one ranking are not comparable.
 pub fn set_takes_transfer(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> bool {
+    c.transfer.enabled && takes_transfer(c, &Known::of(c, fitted), names, vectors)
+}
+
+fn takes_transfer(c: &Calibration, known: &Known<'_>, names: &[String], vectors: &[Arc<Vec<f32>>]) -> bool {
     let t = &c.transfer;
-    let known = Known::of(c, fitted);
     if !t.enabled || known.vectors.is_empty() {
         return false;
     }
@@ -169,7 +172,8 @@ pub struct SetCalibration {
 /// less well than the name it stands for. Otherwise every label has its own pair or the global
 /// one, and the vectors are left alone.
 pub fn calibrate_set(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> SetCalibration {
-    if !set_takes_transfer(c, names, vectors, fitted) {
+    let known = if c.transfer.enabled { Known::of(c, fitted) } else { Known { vectors: Vec::new(), spacing: Vec::new() } };
+    if !takes_transfer(c, &known, names, vectors) {
         return SetCalibration { pairs: names.iter().map(|n| c.pair(n)).collect(), anchored: None };
     }
     let pairs = names.iter().zip(vectors).map(|(n, v)| label_pair(c, n, v, fitted)).collect();
@@ -177,7 +181,6 @@ pub fn calibrate_set(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>
     if t.anchor <= 0.0 {
         return SetCalibration { pairs, anchored: None };
     }
-    let known = Known::of(c, fitted);
     let mut moved = false;
     let anchored = names
         .iter()
