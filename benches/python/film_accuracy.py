@@ -88,6 +88,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--chosen", default="film-about", help="template set to calibrate")
+    ap.add_argument("--directions-out", type=Path,
+                    help="also fit each genre's direction (the mean of its calibration films minus the mean of all, "
+                         "unit length) and write them here: the file a topology's calibration.directions names")
+    ap.add_argument("--direction-weight", type=float, default=1.0,
+                    help="a fitted label scores with unit(text vector + weight x direction); the pairs are fitted so")
+    ap.add_argument("--direction-min-films", type=int, default=10,
+                    help="fit no direction for a genre with fewer calibration films (it would be those few films)")
     args = ap.parse_args()
     from bbc_accuracy import Embedder  # noqa: PLC0415
 
@@ -126,9 +133,25 @@ def main() -> None:
     # calibration split (a label prior and a sharpness), the global fit for unseen labels, and
     # the micro-F1-optimal threshold on the calibration split.
     templates = SETS[args.chosen]
-    cos = doc @ label_matrix(emb, names, templates).T
+    text = label_matrix(emb, names, templates)
+    cos = doc @ text.T
     feat = cos - cos.mean(1, keepdims=True)
+    # The global pair (labels that have no pair of their own) is fitted on the label names' own
+    # vectors: such labels have no direction.
     ga, gb = fit_platt(feat[~test].ravel(), y[~test].ravel())
+    directions = None
+    if args.directions_out:
+        # Each genre's direction in the model's space: where its films sit relative to all films
+        # of the calibration split. A fitted label then scores with its name's vector moved along it.
+        mean_all = doc[~test].mean(0)
+        directions = np.stack([doc[~test & (y[:, j] == 1)].mean(0) - mean_all for j in range(len(names))])
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        enough = y[~test].sum(0) >= args.direction_min_films
+        directions[~enough] = 0.0
+        moved = text + args.direction_weight * directions
+        moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+        cos = doc @ moved.T
+        feat = cos - cos.mean(1, keepdims=True)
     per = {n: fit_platt(feat[~test][:, j], y[~test][:, j]) for j, n in enumerate(names)}
     prob = np.stack([1 / (1 + np.exp(-(per[n][0] * feat[:, j] + per[n][1]))) for j, n in enumerate(names)], 1)
     ths = np.linspace(0.05, 0.95, 91)
@@ -139,6 +162,29 @@ def main() -> None:
            "test": {"lrap": round(lrap(prob[test], y[test]), 4), "p_at_1": round(p_at_1(prob[test], y[test]), 4),
                     "micro_f1": round(micro_f1(prob[test] >= best, y[test]), 4)}}
     print(json.dumps({"calibrated": cal}), flush=True)
+    if directions is not None:
+        manifest = json.loads((args.model / "manifest.json").read_text())
+        counts = y[~test].sum(0)
+        doc_out = {
+            "about": "Per-label directions for streamoasis calibration.directions: a fitted label scores with "
+                     "unit(its prompts' vector + weight x direction). Fitted by benches/python/film_accuracy.py "
+                     "--directions-out on the calibration split of TMDB 5000; valid for this model only.",
+            "model": manifest["name"], "weights_sha256": manifest["source_sha256"]["model.safetensors"],
+            "dims": int(directions.shape[1]),
+            "weight": args.direction_weight, "templates": templates,
+            "fitted_on": {"films": int((~test).sum()), "per_label": {n: int(c) for n, c in zip(names, counts)}},
+            "min_films": args.direction_min_films,
+            "labels": {n: [round(float(x), 5) for x in d] for n, d, ok in zip(names, directions, enough) if ok},
+        }
+        # One label per line: a refit shows as a diff of the labels that moved.
+        head = json.dumps({k: v for k, v in doc_out.items() if k != "labels"}, indent=1)[:-2]
+        lines = ",\n".join(f"  {json.dumps(n)}: {json.dumps(v)}" for n, v in doc_out["labels"].items())
+        args.directions_out.write_text(head + ',\n "labels": {\n' + lines + "\n }\n}\n")
+        json.loads(args.directions_out.read_text())
+        print(f"wrote {args.directions_out}; calibration for the topology:")
+        print(f"          slope: {cal['slope']}\n          bias: {cal['bias']}\n          labels: {{")
+        items = [f'"{n}": [{a}, {b}]' for n, (a, b) in cal["labels"].items()]
+        print("            " + ", ".join(items) + "\n          }\n        min_score: " + str(cal["threshold"]))
     freq = y[~test].mean(0)
     prior = np.tile(freq, (int(test.sum()), 1))
     print(json.dumps({"set": "genre frequency (no model)", "lrap": round(lrap(prior, y[test]), 4),

@@ -405,6 +405,10 @@ class Scenario:
         t["scylla"]["keyspace"] = self.ks
         t["scylla"]["consistency"] = "ONE"
         t["tagging"]["model"]["path"] = str(ROOT / t["tagging"]["model"]["path"])
+        emb = t["tagging"].get("embedding") or {}
+        for cal in [emb.get("calibration")] + [k.get("calibration") for k in (emb.get("kinds") or {}).values()]:
+            if cal and cal.get("directions"):  # relative to the topology's folder: this copy lives elsewhere
+                cal["directions"] = str(ROOT / cal["directions"])
         tg = t["processors"]["tagger"]
         tg["delivery"] = delivery
         self.groups = {r: t["processors"][r]["group"] for r in ("tagger", "sink")}

@@ -314,9 +314,10 @@ yaml.safe_dump(t, open(dst, "w"), sort_keys=False)
 PY
 }
 topo "$work/topology.yaml"
-# The host binary reads the same topology (schemas/ and models/ resolve next to it).
+# The host binary reads the same topology (schemas/, models/ and calibration/ resolve next to it).
 ln -s "$SO_ROOT/schemas" "$work/schemas"
 ln -s "$SO_MODELS" "$work/models"
+ln -s "$SO_ROOT/calibration" "$work/calibration"
 export STREAMOASIS_TOPOLOGY="$work/topology.yaml"
 yq() { "$SO_PY" -c 'import sys,yaml; t=yaml.safe_load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$STREAMOASIS_TOPOLOGY" "$1"; }
 TAGGED=$(yq 't["processors"]["tagger"]["output"]')

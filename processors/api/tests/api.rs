@@ -918,6 +918,7 @@ fn write_topology(path: &PathBuf, names: &[&str]) {
     let t = v["tagging"].as_mapping_mut().unwrap();
     set(t, &["model", "path"], root().join("models/all-MiniLM-L6-v2").display().to_string().into());
     set(t, &["labels"], labels(names));
+    streamoasis_testkit::absolute_directions(&mut v["tagging"]);
     std::fs::write(path, serde_yaml::to_string(&v).unwrap()).unwrap();
 }
 

@@ -1,6 +1,7 @@
 //! The `tagging:` section of topology.yaml, validated into [`TaggerConfig`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -146,7 +147,7 @@ pub struct EmbeddingSpec {
 /// label set. Labels without their own pair get one carried over from the fitted labels whose
 /// embeddings are nearest to theirs ([`Transfer`]; "sci-fi" takes most of "science fiction"'s
 /// pair), or `slope`/`bias` when none is near (docs/quality.md).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Calibration {
     /// Slope for labels without their own pair.
@@ -159,6 +160,83 @@ pub struct Calibration {
     /// How pairs carry over to labels that were never fitted.
     #[serde(default)]
     pub transfer: Transfer,
+    /// A file of fitted label *directions* (JSON written by `benches/python/film_accuracy.py
+    /// --directions-out`; relative to the topology's folder): for each fitted label, where its
+    /// items sit in the model's space relative to all items of the calibration split. A label
+    /// with a pair and a direction scores with `unit(its prompts' vector + weight × direction)`,
+    /// and renamed labels anchor towards that moved vector ([`Transfer::anchor`]). Fitted
+    /// together with the pairs and for one model: the tagger refuses it for another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directions: Option<PathBuf>,
+    /// The directions file, read at load ([`TaggingSpec::load_directions`]).
+    #[serde(skip)]
+    pub loaded_directions: Option<Arc<Directions>>,
+}
+
+/// A calibration's fitted label directions ([`Calibration::directions`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Directions {
+    /// The model the directions were fitted with (its manifest's `name`).
+    pub model: String,
+    /// SHA-256 of that model's weights (its manifest's `source_sha256["model.safetensors"]`).
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
+    /// Length of every vector: the model's embedding size.
+    pub dims: usize,
+    /// How far a fitted label's vector moves along its direction.
+    pub weight: f32,
+    /// Label name → unit direction.
+    pub labels: BTreeMap<String, Vec<f32>>,
+    /// SHA-256 of the file (part of the taxonomy version).
+    #[serde(skip)]
+    pub sha256: String,
+}
+
+impl Directions {
+    /// Read and check a directions file.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        use sha2::Digest;
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut d: Directions = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{} is not a directions file ({e}); write one with benches/python/film_accuracy.py --directions-out", path.display()))?;
+        if d.dims == 0 {
+            return Err(format!("{}: dims is 0", path.display()));
+        }
+        if !d.weight.is_finite() || d.weight < 0.0 {
+            return Err(format!("{}: weight {} must be a number >= 0", path.display(), d.weight));
+        }
+        for (name, v) in &d.labels {
+            if v.len() != d.dims {
+                return Err(format!("{}: label '{name}' has {} numbers, dims says {}", path.display(), v.len(), d.dims));
+            }
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("{}: label '{name}' has a number that is not finite", path.display()));
+            }
+        }
+        d.sha256 = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        Ok(d)
+    }
+
+    /// Why these directions do not fit a model (its manifest), if they do not.
+    pub fn mismatch(&self, manifest: &crate::model::Manifest) -> Option<String> {
+        let weights = manifest.source_sha256.get("model.safetensors").and_then(|v| v.as_str());
+        if self.model != manifest.name {
+            return Some(format!("they were fitted for the model {} but tagging.model.path holds {}", self.model, manifest.name));
+        }
+        if let (Some(want), Some(have)) = (self.weights_sha256.as_deref(), weights) {
+            if want != have {
+                return Some(format!("they were fitted for {} weights {} but the model's are {}", self.model, short(want), short(have)));
+            }
+        }
+        match manifest.dims {
+            Some(d) if d != self.dims => Some(format!("they have {} dimensions but the model embeds into {d}", self.dims)),
+            _ => None,
+        }
+    }
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
 }
 
 /// Carrying fitted per-label pairs to other label names by the similarity of their prompt
@@ -232,6 +310,42 @@ impl Calibration {
     /// (slope, bias) fitted for a label (exact name, then lower case), if any.
     pub fn own_pair(&self, label: &str) -> Option<(f32, f32)> {
         self.labels.get(label).or_else(|| self.labels.get(&label.to_lowercase())).copied()
+    }
+
+    /// A fitted label's direction and its weight (exact name, then lower case), if the
+    /// calibration has directions and the label has a pair and a direction.
+    pub fn direction(&self, label: &str) -> Option<(&[f32], f32)> {
+        let d = self.loaded_directions.as_ref()?;
+        self.own_pair(label)?;
+        let v = d.labels.get(label).or_else(|| d.labels.get(&label.to_lowercase()))?;
+        Some((v.as_slice(), d.weight))
+    }
+
+    /// Read the `directions` file (resolved with `resolve`) unless already read, and check it
+    /// against the pairs (`key` names the calibration in errors).
+    pub fn load_directions(&mut self, key: &str, resolve: impl Fn(&Path) -> PathBuf) -> Result<(), (String, String)> {
+        let Some(p) = &self.directions else { return Ok(()) };
+        if self.loaded_directions.is_some() {
+            return Ok(());
+        }
+        let path = resolve(p);
+        let err = |m: String| (format!("{key}.directions"), m);
+        let hint = if p.is_relative() && !path.exists() {
+            format!(" (a relative path resolves against the topology's folder: put {} beside the topology or give an absolute path)", p.display())
+        } else {
+            String::new()
+        };
+        let d = Directions::read(&path).map_err(|m| err(m + &hint))?;
+        if let Some(n) = d.labels.keys().find(|n| self.own_pair(n).is_none()) {
+            return Err(err(format!(
+                "{} has a direction for '{n}', which has no pair in {key}.labels: the pairs and the directions are fitted together \
+                 (benches/python/film_accuracy.py --directions-out prints the pairs that go with the file)",
+                path.display()
+            )));
+        }
+        self.directions = Some(path);
+        self.loaded_directions = Some(Arc::new(d));
+        Ok(())
     }
 
     /// (slope, bias) for a label by name alone: its own pair, else the global one.
@@ -579,7 +693,7 @@ impl TaggingSpec {
     /// reordering the topology's keys changes nothing. Label order counts: it breaks ties.
     pub fn taxonomy_version(&self, labels: &[LabelSpec]) -> String {
         use sha2::Digest;
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "labels": labels,
             "strategy": self.strategy,
             "embedding": self.embedding,
@@ -587,6 +701,15 @@ impl TaggingSpec {
             "top_k": self.top_k,
             "min_score": self.min_score,
         });
+        // The directions files' contents, not their paths (absent without any: versions of
+        // taxonomies without directions are what they were before the key existed).
+        let directions: Vec<&str> = self.calibrations().filter_map(|(_, c)| c.loaded_directions.as_ref().map(|d| d.sha256.as_str())).collect();
+        if let Some(e) = canonical["embedding"].as_object_mut() {
+            strip_directions_paths(e);
+        }
+        if !directions.is_empty() {
+            canonical["directions"] = serde_json::json!(directions);
+        }
         let digest = sha2::Sha256::digest(canonical.to_string().as_bytes());
         let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
         format!("tx-{hex}")
@@ -599,8 +722,33 @@ impl TaggingSpec {
         if let Some(nli) = spec.nli.as_mut() {
             nli.model = t.resolve(&nli.model);
         }
+        spec.load_directions(&t.path.display().to_string(), |p| t.resolve(p))?;
         spec.validate(&t.path.display().to_string())?;
         Ok(spec)
+    }
+
+    /// Every calibration with its key (`embedding.calibration`, `embedding.kinds.MOVIE.calibration`).
+    pub fn calibrations(&self) -> impl Iterator<Item = (String, &Calibration)> {
+        self.embedding
+            .calibration
+            .iter()
+            .map(|c| ("embedding.calibration".to_string(), c))
+            .chain(self.embedding.kinds.iter().filter_map(|(k, s)| s.calibration.as_ref().map(|c| (format!("embedding.kinds.{}.calibration", kind_symbol(*k)), c))))
+    }
+
+    /// Read every calibration's `directions` file not read yet, paths resolved with `resolve`
+    /// (a topology's folder; [`Self::from_topology`] does this).
+    pub fn load_directions(&mut self, origin: &str, resolve: impl Fn(&Path) -> PathBuf) -> Result<(), ConfigError> {
+        let err = |(key, msg): (String, String)| ConfigError::new(format!("{origin}: tagging.{key}"), msg);
+        if let Some(c) = self.embedding.calibration.as_mut() {
+            c.load_directions("embedding.calibration", &resolve).map_err(err)?;
+        }
+        for (k, s) in self.embedding.kinds.iter_mut() {
+            if let Some(c) = s.calibration.as_mut() {
+                c.load_directions(&format!("embedding.kinds.{}.calibration", kind_symbol(*k)), &resolve).map_err(err)?;
+            }
+        }
+        Ok(())
     }
 
     /// The effective settings for items of a kind.
@@ -652,13 +800,7 @@ impl TaggingSpec {
                 return err(&format!("{key}.min_score"), "must be within 0..1".into());
             }
         }
-        let cals = self
-            .embedding
-            .calibration
-            .iter()
-            .map(|c| ("embedding.calibration".to_string(), c))
-            .chain(self.embedding.kinds.iter().filter_map(|(k, s)| s.calibration.as_ref().map(|c| (format!("embedding.kinds.{}.calibration", kind_symbol(*k)), c))));
-        for (key, c) in cals {
+        for (key, c) in self.calibrations() {
             if let Err((k, m)) = c.check(&key) {
                 return err(&k, m);
             }
@@ -748,6 +890,21 @@ pub struct KindSettings<'a> {
     pub own_templates: bool,
 }
 
+/// Drop `directions` (a path, which differs between a checkout and an image) from every
+/// calibration of a serialised `embedding` section.
+fn strip_directions_paths(e: &mut serde_json::Map<String, serde_json::Value>) {
+    if let Some(c) = e.get_mut("calibration").and_then(|c| c.as_object_mut()) {
+        c.remove("directions");
+    }
+    if let Some(kinds) = e.get_mut("kinds").and_then(|k| k.as_object_mut()) {
+        for k in kinds.values_mut() {
+            if let Some(c) = k.get_mut("calibration").and_then(|c| c.as_object_mut()) {
+                c.remove("directions");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,6 +914,69 @@ mod tests {
         let s: TaggingSpec = serde_yaml::from_str(&yaml).map_err(|e| e.to_string())?;
         s.validate("topology.yaml").map_err(|e| e.to_string())?;
         Ok(s)
+    }
+
+    /// A directions file in a fresh temp folder; returns its path.
+    fn directions_file(name: &str, body: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("streamoasis-directions-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("d.json");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const DIRECTIONS: &str = r#"{"model": "m", "weights_sha256": "abc", "dims": 3, "weight": 1.0, "about": "extra keys are fine",
+        "labels": {"drama": [0.0, 1.0, 0.0]}}"#;
+
+    fn with_directions(path: &Path, labels: &str) -> Result<TaggingSpec, String> {
+        let yaml = format!(
+            "model: {{path: /m}}\nlabels: [{{name: a}}]\nembedding: {{kinds: {{MOVIE: {{multi_label: true, calibration: {{slope: 10, bias: -2, labels: {labels}, directions: {}}}}}}}}}",
+            path.display()
+        );
+        let mut s: TaggingSpec = serde_yaml::from_str(&yaml).map_err(|e| e.to_string())?;
+        s.load_directions("t.yaml", |p| p.to_path_buf()).map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
+    #[test]
+    fn directions_files_are_read_checked_and_versioned_by_content() {
+        let good = directions_file("good", DIRECTIONS);
+        let s = with_directions(&good, "{drama: [8, 0]}").unwrap();
+        let c = s.for_kind(MediaKind::Movie).calibration.unwrap();
+        let (d, w) = c.direction("Drama").expect("a fitted label with a direction");
+        assert_eq!((d, w), (&[0.0, 1.0, 0.0][..], 1.0));
+        assert_eq!(c.direction("sci-fi"), None, "no pair, no direction");
+        // The version follows the file's content, not where it lies.
+        let v = s.taxonomy_version(&s.labels);
+        let elsewhere = directions_file("copy", DIRECTIONS);
+        assert_eq!(with_directions(&elsewhere, "{drama: [8, 0]}").unwrap().taxonomy_version(&s.labels), v);
+        let refit = directions_file("refit", &DIRECTIONS.replace("[0.0, 1.0, 0.0]", "[0.0, 0.8, 0.6]"));
+        assert_ne!(with_directions(&refit, "{drama: [8, 0]}").unwrap().taxonomy_version(&s.labels), v);
+        let mut without: TaggingSpec = s.clone();
+        without.embedding.kinds.get_mut(&MediaKind::Movie).unwrap().calibration.as_mut().unwrap().loaded_directions = None;
+        assert_ne!(without.taxonomy_version(&s.labels), v);
+        // Refusals name the key and say what to do.
+        let e = with_directions(&good, "{war: [8, 0]}").unwrap_err();
+        assert!(e.contains("tagging.embedding.kinds.MOVIE.calibration.directions") && e.contains("'drama', which has no pair"), "{e}");
+        let e = with_directions(Path::new("/nonexistent/d.json"), "{drama: [8, 0]}").unwrap_err();
+        assert!(e.contains("directions") && e.contains("cannot read /nonexistent/d.json"), "{e}");
+        let short = directions_file("short", &DIRECTIONS.replace("[0.0, 1.0, 0.0]", "[0.0, 1.0]"));
+        let e = with_directions(&short, "{drama: [8, 0]}").unwrap_err();
+        assert!(e.contains("label 'drama' has 2 numbers, dims says 3"), "{e}");
+        let junk = directions_file("junk", "{\"labels\": 3}");
+        let e = with_directions(&junk, "{drama: [8, 0]}").unwrap_err();
+        assert!(e.contains("is not a directions file") && e.contains("--directions-out"), "{e}");
+        // Fitted for one model: another one, other weights or another size are refused.
+        let d = Directions::read(&good).unwrap();
+        let manifest = |name: &str, weights: &str, dims: usize| -> crate::model::Manifest {
+            serde_json::from_value(serde_json::json!({"name": name, "version": "1", "kind": "embedding", "max_seq_len": 256, "dims": dims,
+                "source_sha256": {"model.safetensors": weights, "torch": "2"}}))
+            .unwrap()
+        };
+        assert_eq!(d.mismatch(&manifest("m", "abc", 3)), None);
+        assert!(d.mismatch(&manifest("other", "abc", 3)).unwrap().contains("fitted for the model m but tagging.model.path holds other"));
+        assert!(d.mismatch(&manifest("m", "def", 3)).unwrap().contains("weights abc but the model's are def"));
+        assert!(d.mismatch(&manifest("m", "abc", 384)).unwrap().contains("3 dimensions but the model embeds into 384"));
     }
 
     fn version_of(yaml: &str) -> String {

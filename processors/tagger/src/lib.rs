@@ -44,6 +44,11 @@
 //!   than the fitted labels are to each other ([`scoring::set_takes_transfer`]); those specific
 //!   labels also move their vectors `anchor` (0.75) of the way towards the fitted labels they
 //!   rename ([`scoring::calibrate_set`]).
+//! - calibration `directions` (films: `calibration/tmdb-genres.all-MiniLM-L6-v2.json`): per
+//!   fitted label, where its calibration items sit among all of them in the model's space; a
+//!   fitted label scores with `unit(v + weight × direction)` ([`scoring::along_direction`]) and
+//!   renamed labels anchor towards that. Fitted with the pairs for one model
+//!   ([`config::Directions`]: the tagger refuses another model's file).
 //! - `adaptive_margin` with `min_evidence_tokens` (8): the body is skipped only when the item
 //!   has a description, title + description have enough informative tokens
 //!   ([`scoring::informative_tokens`]: not "Episode 12") and the lead's top-2 margin on the

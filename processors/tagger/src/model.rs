@@ -35,6 +35,10 @@ pub struct Manifest {
     /// Module file per precision (`fp32`, `int8`, `int8_static`, `bf16`); absent = `model.pt` only.
     #[serde(default)]
     pub precisions: std::collections::BTreeMap<String, String>,
+    /// SHA-256 of each source file the export read (`model.safetensors`: the weights), and the
+    /// versions of the exporting packages.
+    #[serde(default)]
+    pub source_sha256: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Manifest {
@@ -373,6 +377,7 @@ mod tests {
             labels: vec![],
             entailment_index: None,
             precisions: precisions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            source_sha256: Default::default(),
         }
     }
 

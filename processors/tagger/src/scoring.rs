@@ -113,16 +113,17 @@ pub fn label_pair(c: &Calibration, name: &str, vector: &[f32], fitted: &[(String
 /// The fitted labels that have their own pair, and each one's similarity to its nearest other
 /// fitted label (how far apart the fitted categories are).
 struct Known<'a> {
+    names: Vec<&'a str>,
     vectors: Vec<&'a Arc<Vec<f32>>>,
     spacing: Vec<f32>,
 }
 
 impl<'a> Known<'a> {
     fn of(c: &Calibration, fitted: &'a [(String, Arc<Vec<f32>>)]) -> Self {
-        let vectors: Vec<&Arc<Vec<f32>>> = fitted.iter().filter(|(n, _)| c.own_pair(n).is_some()).map(|(_, v)| v).collect();
+        let (names, vectors): (Vec<&str>, Vec<&Arc<Vec<f32>>>) = fitted.iter().filter(|(n, _)| c.own_pair(n).is_some()).map(|(n, v)| (n.as_str(), v)).unzip();
         let spacing =
             vectors.iter().enumerate().map(|(i, a)| vectors.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, b)| dot(a, b)).fold(f32::NEG_INFINITY, f32::max)).collect();
-        Known { vectors, spacing }
+        Known { names, vectors, spacing }
     }
 
     /// Whether `v` is nearer to its nearest fitted label than any other fitted label is to it.
@@ -158,35 +159,41 @@ fn takes_transfer(c: &Calibration, known: &Known<'_>, names: &[String], vectors:
 }
 
 /// How a calibrated label set is scored: each label's (slope, bias), and the label vectors to
-/// score with when some were anchored (`None`: the label vectors as they are).
+/// score with when some moved along a fitted direction or were anchored (`None`: the label
+/// vectors as they are).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SetCalibration {
     pub pairs: Vec<(f32, f32)>,
     pub anchored: Option<Vec<Vec<f32>>>,
 }
 
-/// Calibrate a label set. When the set takes carried pairs ([`set_takes_transfer`]) each
-/// unfitted label gets [`label_pair`], and each *specific* one (a fitted category under another
-/// name) also moves its vector `transfer.anchor` of the way towards the fitted labels it
-/// renames (same softmax weights and gate as the pair): a paraphrase's own prompt ranks items
-/// less well than the name it stands for. Otherwise every label has its own pair or the global
-/// one, and the vectors are left alone.
+/// Calibrate a label set: each label's (slope, bias) and the vector it scores with.
+///
+/// - A label with its own pair keeps it, and with a fitted direction
+///   ([`crate::config::Calibration::directions`]) scores with `unit(v + weight × direction)`.
+/// - When the set takes carried pairs ([`set_takes_transfer`]) each unfitted label gets
+///   [`label_pair`], and each *specific* one (a fitted category under another name) also moves
+///   its vector `transfer.anchor` of the way towards the fitted labels it renames (same softmax
+///   weights and gate as the pair; their moved vectors where they have directions): a
+///   paraphrase's own prompt ranks items less well than the name it stands for.
+/// - Otherwise unfitted labels take the global pair and keep their vectors.
 pub fn calibrate_set(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>], fitted: &[(String, Arc<Vec<f32>>)]) -> SetCalibration {
-    let known = if c.transfer.enabled { Known::of(c, fitted) } else { Known { vectors: Vec::new(), spacing: Vec::new() } };
-    if !takes_transfer(c, &known, names, vectors) {
-        return SetCalibration { pairs: names.iter().map(|n| c.pair(n)).collect(), anchored: None };
-    }
-    let pairs = names.iter().zip(vectors).map(|(n, v)| label_pair(c, n, v, fitted)).collect();
+    let known = if c.transfer.enabled { Known::of(c, fitted) } else { Known { names: Vec::new(), vectors: Vec::new(), spacing: Vec::new() } };
+    let transfer = takes_transfer(c, &known, names, vectors);
+    let pairs = names.iter().zip(vectors).map(|(n, v)| if transfer { label_pair(c, n, v, fitted) } else { c.pair(n) }).collect();
     let t = &c.transfer;
-    if t.anchor <= 0.0 {
-        return SetCalibration { pairs, anchored: None };
-    }
+    // Where the specific labels anchor: the fitted labels, moved along their directions.
+    let targets: Vec<Vec<f32>> =
+        if transfer && t.anchor > 0.0 { known.names.iter().zip(&known.vectors).map(|(n, v)| along_direction(c, n, v).unwrap_or_else(|| v.to_vec())).collect() } else { Vec::new() };
     let mut moved = false;
-    let anchored = names
+    let scored = names
         .iter()
         .zip(vectors)
         .map(|(n, v)| {
-            if c.own_pair(n).is_some() || !known.specific(v) {
+            if c.own_pair(n).is_some() {
+                return along_direction(c, n, v).inspect(|_| moved = true).unwrap_or_else(|| v.to_vec());
+            }
+            if targets.is_empty() || !known.specific(v) {
                 return v.to_vec();
             }
             let sims: Vec<f32> = known.vectors.iter().map(|f| dot(v, f)).collect();
@@ -196,18 +203,32 @@ pub fn calibrate_set(c: &Calibration, names: &[String], vectors: &[Arc<Vec<f32>>
             let g = 1.0 / (1.0 + (-(best - t.min_similarity) / t.width).exp());
             let k = t.anchor * g;
             let mut out: Vec<f32> = v.iter().map(|x| (1.0 - k) * x).collect();
-            for (f, wj) in known.vectors.iter().zip(&w) {
+            for (f, wj) in targets.iter().zip(&w) {
                 out.iter_mut().zip(f.iter()).for_each(|(o, x)| *o += k * wj / total * x);
             }
-            let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                out.iter_mut().for_each(|x| *x /= norm);
-            }
             moved = true;
-            out
+            unit_in_place(out)
         })
         .collect();
-    SetCalibration { pairs, anchored: moved.then_some(anchored) }
+    SetCalibration { pairs, anchored: moved.then_some(scored) }
+}
+
+/// A fitted label's vector moved along its fitted direction, `unit(v + weight × direction)`;
+/// `None` when the calibration has no direction for the label.
+pub fn along_direction(c: &Calibration, name: &str, v: &[f32]) -> Option<Vec<f32>> {
+    let (d, weight) = c.direction(name)?;
+    if d.len() != v.len() {
+        return None;
+    }
+    Some(unit_in_place(v.iter().zip(d).map(|(x, y)| x + weight * y).collect()))
+}
+
+fn unit_in_place(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
 }
 
 /// Calibrated multi-label scores: `sigmoid(slope_l * (cos_l - mean cos) + bias_l)` per label,
@@ -504,6 +525,7 @@ mod tests {
             bias: -2.0,
             labels: [("science fiction".to_string(), (30.0, -3.0)), ("drama".to_string(), (8.0, 0.0))].into_iter().collect(),
             transfer: Transfer::default(),
+            ..Default::default()
         };
         let fitted: FittedLabels = vec![("science fiction".into(), Arc::new(unit(&[1.0, 0.0, 0.0]))), ("drama".into(), Arc::new(unit(&[0.0, 1.0, 0.0])))];
         // A fitted name keeps its own pair, whatever its vector.
@@ -550,6 +572,27 @@ mod tests {
         // min_specific 0: the earlier rule, every label carried by similarity alone.
         let always = Calibration { transfer: Transfer { min_specific: 0.0, ..Transfer::default() }, ..c2.clone() };
         assert!(set_takes_transfer(&always, &other.0, &other.1, &fitted2));
+        // Fitted directions: a fitted label scores with unit(v + weight x direction), also in a
+        // set that takes no transfer; a renamed label anchors towards the moved vector.
+        let d = crate::config::Directions {
+            model: "m".into(),
+            weights_sha256: None,
+            dims: 3,
+            weight: 1.0,
+            labels: [("science fiction".to_string(), vec![0.0, 0.0, 1.0])].into_iter().collect(),
+            sha256: String::new(),
+        };
+        let cd = Calibration { loaded_directions: Some(Arc::new(d)), ..c2.clone() };
+        let seen = calibrate_set(&cd, &["Science Fiction".to_string(), "drama".to_string()], &[v(&[1.0, 0.0, 0.0]), v(&[0.8, 0.6, 0.0])], &fitted2);
+        let s = 0.5f32.sqrt();
+        assert_eq!(seen.pairs, vec![(30.0, -3.0), (8.0, 0.0)]);
+        let moved = seen.anchored.expect("the fitted label with a direction moved");
+        assert!(moved[0].iter().zip([s, 0.0, s]).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", moved[0]);
+        assert_eq!(moved[1], unit(&[0.8, 0.6, 0.0]), "no direction: its own vector");
+        let renamed_d = calibrate_set(&cd, &renamed.0, &renamed.1, &fitted2).anchored.unwrap();
+        let plain = cal.anchored.as_ref().unwrap();
+        assert!(renamed_d[0][2] > plain[0][2] + 0.3, "sci-fi anchors towards science fiction moved along z: {:?} vs {:?}", renamed_d[0], plain[0]);
+        assert_eq!(renamed_d[1], plain[1], "emotional story renames drama, which has no direction");
         // Scores: per-item normalisation (cos minus the item's mean over its candidates), so
         // adding a constant to every cosine leaves them unchanged.
         let pairs = [(10.0, 0.0), (10.0, 0.0)];

@@ -303,7 +303,10 @@ fn sigmoid(x: f32) -> f32 {
 
 impl Tagger {
     /// Load the model(s) and start the batcher(s); embeds the taxonomy once. Needs a tokio runtime.
-    pub async fn load(cfg: TaggerConfig) -> Result<Tagger, LoadError> {
+    pub async fn load(mut cfg: TaggerConfig) -> Result<Tagger, LoadError> {
+        // A config not made by `from_topology` reads its directions files relative to the
+        // working directory (a no-op for those already read).
+        cfg.load_directions("tagging", |p| p.to_path_buf()).map_err(|e| LoadError::Config(e.to_string()))?;
         let device = parse_device(&cfg.model.device)?;
         if cfg.model.precision == Precision::Int8 && cfg.batching.max_batch_size > 1 {
             tracing::warn!(
@@ -343,6 +346,19 @@ impl Tagger {
                 (Scorer::Embedding(EmbeddingScorer { encoder, batcher }), manifest)
             }
         };
+        if !matches!(scorer, Scorer::Nli(_)) {
+            for (key, c) in cfg.calibrations() {
+                if let (Some(d), Some(path)) = (&c.loaded_directions, &c.directions) {
+                    if let Some(why) = d.mismatch(&manifest) {
+                        return Err(LoadError::Config(format!(
+                            "tagging.{key}.directions ({}): {why}. Directions and pairs are fitted for one model: refit both for this one \
+                             (benches/python/film_accuracy.py --model <dir> --directions-out <file>) or remove the key",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
         let model = ModelRef { name: manifest.name.clone(), version: manifest.version.clone() };
 
         let mut tagger = Tagger {
@@ -947,7 +963,7 @@ mod tests {
 
     #[test]
     fn calibration_uses_per_label_pairs_and_the_item_mean() {
-        let c = Calibration { slope: 10.0, bias: -1.0, labels: [("drama".to_string(), (10.0, 1.0))].into_iter().collect(), transfer: Default::default() };
+        let c = Calibration { slope: 10.0, bias: -1.0, labels: [("drama".to_string(), (10.0, 1.0))].into_iter().collect(), ..Default::default() };
         let s = calibrated(&[0.5, 0.5], &["Drama".into(), "western".into()], &c);
         assert!((s[0] - sigmoid(1.0)).abs() < 1e-6, "{s:?}");
         assert!((s[1] - sigmoid(-1.0)).abs() < 1e-6, "{s:?}");

@@ -183,12 +183,18 @@ async fn the_nli_strategy_loads_no_embedding_model() {
 /// The shipped `tagging:` of topology.yaml on the exported model, with the film calibration's
 /// `transfer` replaced by `transfer` (YAML).
 fn shipped_with_transfer(transfer: &str) -> TaggerConfig {
+    shipped_with(|film| film["transfer"] = serde_yaml::from_str(transfer).unwrap())
+}
+
+/// The shipped `tagging:` of topology.yaml on the exported model, the film calibration edited.
+fn shipped_with(edit: impl FnOnce(&mut serde_yaml::Value)) -> TaggerConfig {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../topology.yaml")).unwrap();
     let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let mut tagging = std::mem::take(&mut doc["tagging"]);
     tagging["model"]["path"] = model_dir().display().to_string().into();
     tagging["model"]["threads"] = 2.into();
-    tagging["embedding"]["kinds"]["MOVIE"]["calibration"]["transfer"] = serde_yaml::from_str(transfer).unwrap();
+    streamoasis_testkit::absolute_directions(&mut tagging);
+    edit(&mut tagging["embedding"]["kinds"]["MOVIE"]["calibration"]);
     let cfg: TaggerConfig = serde_yaml::from_value(tagging).unwrap();
     cfg.validate("test").unwrap();
     cfg
@@ -232,4 +238,38 @@ async fn shipped_calibration_carries_pairs_to_renamed_genres_only() {
     assert!(d < 1e-6, "news sections keep the global pair: largest change {d}");
     let d = largest_change(&scores(&always, &sections).await, &scores(&off, &sections).await);
     assert!(d > 0.01, "carried by similarity alone, the sections would borrow genre priors: largest change {d}");
+}
+
+/// The shipped film calibration's fitted directions move the fitted genres' vectors (their
+/// scores change, the taxonomy version too) and leave labels without a pair alone; a
+/// directions file fitted for other weights is refused at load, saying what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_directions_move_fitted_genres_and_belong_to_one_model() {
+    let with = Tagger::load(shipped_with(|_| {})).await.unwrap();
+    let without = Tagger::load(shipped_with(|c| {
+        c.as_mapping_mut().unwrap().remove("directions");
+    }))
+    .await
+    .unwrap();
+    let genres = ["western", "drama", "action", "thriller", "comedy"];
+    let (a, b) = (scores(&with, &genres).await, scores(&without, &genres).await);
+    let d = largest_change(&a, &b);
+    assert!(d > 0.01, "fitted genres score with their moved vectors: largest change {d}");
+    let top = a.iter().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0.clone();
+    assert_eq!(top, "western", "{a:?}");
+    let sections = ["business", "entertainment", "politics", "sport", "tech"];
+    let d = largest_change(&scores(&with, &sections).await, &scores(&without, &sections).await);
+    assert!(d < 1e-6, "labels without a pair have no direction: largest change {d}");
+    assert_ne!(with.taxonomy_version(), without.taxonomy_version());
+
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../calibration/tmdb-genres.all-MiniLM-L6-v2.json");
+    let mut other: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+    other["weights_sha256"] = "0123456789abcdef".into();
+    let path = std::env::temp_dir().join(format!("streamoasis-directions-other-{}.json", std::process::id()));
+    std::fs::write(&path, other.to_string()).unwrap();
+    let Err(e) = Tagger::load(shipped_with(|c| c["directions"] = path.display().to_string().into())).await else {
+        panic!("directions fitted for other weights must be refused");
+    };
+    let e = e.to_string();
+    assert!(e.contains("tagging.embedding.kinds.MOVIE.calibration.directions") && e.contains("weights 0123456789ab") && e.contains("--directions-out"), "{e}");
 }

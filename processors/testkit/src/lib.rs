@@ -2,6 +2,7 @@
 //!
 //! What the test suites share (a dev-dependency only):
 //! - [`root`], [`models`]: the repository and its exported models.
+//! - [`absolute_directions`]: a topology copied elsewhere keeps finding its calibration files.
 //! - [`stack_tests`] / [`require_stack!`]: the two test tiers. A plain `cargo test` runs the unit
 //!   tests and everything that needs no service; a test that needs the local stack (Kafka, the
 //!   CQL database, the schema registry) starts with `require_stack!()`, which returns early with
@@ -23,6 +24,30 @@ pub fn root() -> &'static Path {
 /// fills).
 pub fn models() -> PathBuf {
     std::env::var_os("STREAMOASIS_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+}
+
+/// Make every calibration's `directions` path of a `tagging:` section absolute (against the
+/// repository root), for a copy of topology.yaml written to another folder or read without
+/// its file: relative paths resolve against the topology's folder.
+pub fn absolute_directions(tagging: &mut serde_yaml::Value) {
+    let fix = |c: &mut serde_yaml::Value| {
+        if let Some(p) = c.get("directions").and_then(|p| p.as_str()).map(str::to_string) {
+            if !Path::new(&p).is_absolute() {
+                c["directions"] = root().join(p).display().to_string().into();
+            }
+        }
+    };
+    let e = &mut tagging["embedding"];
+    if let Some(c) = e.get_mut("calibration") {
+        fix(c);
+    }
+    if let Some(kinds) = e.get_mut("kinds").and_then(|k| k.as_mapping_mut()) {
+        for (_, k) in kinds.iter_mut() {
+            if let Some(c) = k.get_mut("calibration") {
+                fix(c);
+            }
+        }
+    }
 }
 
 /// Whether the stack tests run: true when `STREAMOASIS_STACK_TESTS=1`; otherwise prints a skip

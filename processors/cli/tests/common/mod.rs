@@ -39,6 +39,7 @@ pub fn topology_text(id: &str, partitions: i32, delivery: &str) -> String {
         .replace("partitions: 6", &format!("partitions: {partitions}"))
         .replace("path: models/all-MiniLM-L6-v2", &format!("path: {}", model.display()))
         .replace("file: schemas/", &format!("file: {}/", schemas.display()))
+        .replace("directions: calibration/", &format!("directions: {}/", root().join("calibration").canonicalize().unwrap().display()))
         .replace("keyspace: streamoasis", &format!("keyspace: delivery_{id}"))
 }
 

@@ -77,6 +77,7 @@ pub fn topology_with(test: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> T
     }
     let model = root.join(t["tagging"]["model"]["path"].as_str().unwrap());
     t["tagging"]["model"]["path"] = model.display().to_string().into();
+    streamoasis_testkit::absolute_directions(&mut t["tagging"]);
     edit(&mut t);
     let dir = std::env::temp_dir().join(format!("streamoasis-process-{test}-{id}"));
     std::fs::create_dir_all(&dir).unwrap();
