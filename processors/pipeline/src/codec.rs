@@ -188,6 +188,25 @@ impl Codec {
         decode_body::<E>(&writer.parsed, id, &bytes[5..])
     }
 
+    /// [`Self::decode`] for one-shot readers (command-line tools) that have no retry loop of
+    /// their own: a registry hiccup ([`CodecError::Unavailable`]: a restart, a proxy's 502)
+    /// is retried with backoff (100 ms doubling to 5 s) for up to `budget`, with a warning each
+    /// time; poison and everything else return at once.
+    pub async fn decode_patiently<E: Event>(&self, payload: Option<&[u8]>, budget: Duration) -> Result<Decoded<E>, CodecError> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.decode::<E>(payload).await {
+                Err(CodecError::Unavailable(m)) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %m, retry_in = ?delay, "schema registry unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Encode `event` with the latest schema registered under `<topic>-value`.
     pub async fn encode<E: Event>(&self, topic: &str, event: &E) -> Result<Vec<u8>, CodecError> {
         let strategy = SubjectNameStrategy::TopicNameStrategy(topic.to_string(), false);
@@ -337,6 +356,27 @@ fn classify_registry_error(id: u32, e: &SRCError) -> CodecError {
 mod tests {
     use super::*;
     use crate::events::MediaIngested;
+
+    #[tokio::test]
+    async fn decode_patiently_retries_an_unreachable_registry_until_its_budget() {
+        // Nothing listens on port 1: every schema lookup fails as unavailable.
+        let codec = Codec::with_auth("http://127.0.0.1:1/apis/ccompat/v7", RegistryAuth::default()).unwrap();
+        let framed = [0u8, 0, 0, 0, 3, 0];
+        let started = std::time::Instant::now();
+        match codec.decode_patiently::<MediaIngested>(Some(&framed), Duration::from_millis(800)).await {
+            Err(CodecError::Unavailable(_)) => {}
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        // 100 + 200 + 400 ms of backoff fit in the budget: it retried instead of failing at once.
+        assert!(started.elapsed() >= Duration::from_millis(700), "{:?}", started.elapsed());
+        // Poison is not retried.
+        let started = std::time::Instant::now();
+        match codec.decode_patiently::<MediaIngested>(Some(&[1u8, 2]), Duration::from_secs(30)).await {
+            Err(CodecError::Poison { .. }) => {}
+            other => panic!("expected poison, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn recursive_and_deep_writer_schemas_are_refused() {

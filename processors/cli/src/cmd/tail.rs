@@ -19,6 +19,9 @@ use streamoasis_pipeline::CancellationToken;
 use super::{load_for_kafka, open_lines};
 use crate::cli::{Common, TailArgs};
 
+/// How long a record waits for an unavailable schema registry before `tail` gives up.
+const REGISTRY_PATIENCE: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Deserialize)]
 struct Truth {
     #[serde(alias = "media_id")]
@@ -80,13 +83,13 @@ pub(super) async fn run(c: &Common, a: TailArgs, shutdown: CancellationToken) ->
             continue;
         }
         if is_ingest {
-            let d = codec.decode::<MediaIngested>(msg.payload()).await?;
+            let d = codec.decode_patiently::<MediaIngested>(msg.payload(), REGISTRY_PATIENCE).await?;
             if !a.quiet {
                 println!("{}", serde_json::to_string(&d.event)?);
             }
             continue;
         }
-        let e = codec.decode::<MediaTagged>(msg.payload()).await?.event;
+        let e = codec.decode_patiently::<MediaTagged>(msg.payload(), REGISTRY_PATIENCE).await?.event;
         stats.observe(&e, truth.get(&e.media_id));
         if a.quiet {
             continue;
